@@ -1,0 +1,140 @@
+"""Augmentation presets: short lists of albumentations 2.x transforms, one function per name.
+
+Transforms see 8-bit images (any channel count) or float32 images in [0, 1] (other dtypes, scaled by the training
+set's per-channel range, see dataset.py), so intensity transforms mean the same for RGB, 4 or 13 bands, 8 or 16 bit.
+Geometry applies to the image, its stacked extra bands and the mask alike; pixels a transform invents (padding,
+rotated corners) get the ignore class in the mask, so the loss never learns from them. Colour transforms that
+need 3-channel 8-bit input are added only for such input.
+
+Preview a preset:  python -m augmentations --preview data/sample -a hard -n 8 --add-dirs nir
+"""
+import argparse
+from pathlib import Path
+
+import albumentations as A
+import cv2
+
+from dataset import IGNORE_INDEX
+
+FILL = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": IGNORE_INDEX}
+
+
+def none(rgb8: bool) -> list:
+    return []
+
+
+def safe(rgb8: bool) -> list:
+    """The 8 flips and right-angle rotations: nothing is invented, right for top-down imagery."""
+    return [A.SquareSymmetry(p=1)]
+
+
+def light(rgb8: bool) -> list:
+    return [
+        A.SquareSymmetry(p=1),
+        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-15, 15), p=0.5, **FILL),
+        A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+    ]
+
+
+def medium(rgb8: bool) -> list:
+    return [
+        A.SquareSymmetry(p=1),
+        A.Affine(scale=(0.75, 1.33), translate_percent=(-0.1, 0.1), rotate=(-45, 45), p=0.7, **FILL),
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.7),
+        A.RandomGamma(gamma_limit=(80, 120), p=0.3),
+        A.OneOf([A.GaussianBlur(sigma_limit=(0.3, 1.2)), A.GaussNoise(std_range=(0.01, 0.05))], p=0.3),
+        *([A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=15, val_shift_limit=10, p=0.3)] if rgb8 else []),
+    ]
+
+
+def hard(rgb8: bool) -> list:
+    return [
+        A.SquareSymmetry(p=1),
+        A.Affine(scale=(0.5, 1.5), translate_percent=(-0.15, 0.15), rotate=(-60, 60), shear=(-10, 10), p=0.9,
+                 **FILL),
+        A.OneOf([A.GridDistortion(distort_limit=0.2, **FILL), A.OpticalDistortion(distort_limit=0.2, **FILL)],
+                p=0.3),
+        A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.3, p=0.8),
+        A.RandomGamma(gamma_limit=(70, 140), p=0.4),
+        A.OneOf([A.GaussianBlur(sigma_limit=(0.3, 2.0)), A.MotionBlur(blur_limit=(3, 7)),
+                 A.GaussNoise(std_range=(0.02, 0.1))], p=0.5),
+        A.CoarseDropout(num_holes_range=(1, 6), hole_height_range=(0.03, 0.12), hole_width_range=(0.03, 0.12),
+                        fill=0, p=0.3),
+        *([A.OneOf([A.HueSaturationValue(hue_shift_limit=15, sat_shift_limit=30, val_shift_limit=20),
+                    A.RGBShift(r_shift_limit=20, g_shift_limit=20, b_shift_limit=20),
+                    A.CLAHE(clip_limit=3.0), A.ToGray(p=1)], p=0.5)] if rgb8 else []),
+    ]
+
+
+PRESETS = {"none": none, "safe": safe, "light": light, "medium": medium, "hard": hard}
+
+
+def train_transform(preset: str, image_size: int, rgb8: bool, resize: bool) -> A.Compose:
+    """Bring every training sample to image_size x image_size (random crop, padding, or --resize), then the preset."""
+    if resize:
+        size = [A.Resize(image_size, image_size)]
+    else:
+        size = [A.PadIfNeeded(image_size, image_size, position="random", **FILL),
+                A.RandomCrop(image_size, image_size)]
+    return A.Compose(size + PRESETS[preset](rgb8))
+
+
+# ------------------------------------------------------------------------------------------------------ preview
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Write before/after pictures of an augmentation preset.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="example: python -m augmentations --preview data/sample -a hard -n 8 "
+                                       "--add-dirs nir")
+    p.add_argument("--preview", required=True, metavar="DIR",
+                   help="a dataset root (uses its train/ split) or a split folder holding images/ and gt/")
+    p.add_argument("-a", "--aug", default="medium", choices=sorted(PRESETS), help="preset to show")
+    p.add_argument("-n", "--num", type=int, default=8, help="number of samples")
+    p.add_argument("-k", "--variants", type=int, default=4, help="augmented versions per sample")
+    p.add_argument("--image-size", type=int, default=256, help="training crop size")
+    p.add_argument("--resize", action="store_true", help="resize instead of random crop")
+    p.add_argument("--add-dirs", default="", help="extra one-band folders, e.g. 'nir'")
+    p.add_argument("--class-list", default=None, help="mask label values that are classes (default 255)")
+    p.add_argument("--max-mask-val", type=int, default=None, help="classes are values 1..N")
+    p.add_argument("-o", "--output-dir", default="aug_preview", help="where the pictures go")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def preview(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import visualize
+    from dataset import Labels, SegmentationDataset, channel_stats, find_samples, inspect_sample
+    from errors import UserError
+    from fileio import write_image
+
+    root = Path(args.preview)
+    split = root / "train" if (root / "train" / "images").is_dir() else root
+    labels = Labels.from_args(args.class_list, args.max_mask_val, None)
+    samples = find_samples(split, args.add_dirs.split(), masks="optional")[: args.num]
+    infos = [inspect_sample(s, with_stats=True) for s in samples]
+    bad = [i.error for i in infos if i.error]
+    if bad:
+        raise UserError(bad[0])
+    stats = channel_stats(infos, labels)
+    rgb8 = infos[0].channels == 3 and infos[0].dtype == "uint8"
+    transform = train_transform(args.aug, args.image_size, rgb8, args.resize)
+    ds = SegmentationDataset(samples, labels, stats, transform)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for index, sample in enumerate(samples):
+        image, mask = ds.load(index)
+        tiles = [visualize.overlay(visualize.to_rgb8(image), mask, labels.num_classes)]
+        for k in range(args.variants):
+            aug, aug_mask = ds.augment(index, seed=args.seed * 1000 + k)
+            tiles.append(visualize.overlay(visualize.to_rgb8(aug), aug_mask, labels.num_classes))
+        picture = visualize.panel(tiles, ["original"] + [f"{args.aug} #{k + 1}" for k in range(args.variants)])
+        write_image(out / f"{sample.stem}.png", np.ascontiguousarray(picture))
+    print(f"wrote {len(samples)} pictures of preset '{args.aug}' to {out}/ (grey: pixels ignored by the loss)")
+    return 0
+
+
+if __name__ == "__main__":
+    from errors import run_cli
+
+    run_cli(lambda: preview(get_args_parser().parse_args()))

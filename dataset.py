@@ -1,0 +1,418 @@
+"""Plain-folder segmentation datasets: find and pair files, map label values to classes, check, compute stats.
+
+Layout: <split>/images, <split>/gt (masks) and optional one-band folders (<split>/nir, ...), files paired by name
+stem (`a.tif` may have mask `a.png`). Images are HWC numpy arrays in their own dtype until normalisation; masks
+become HW uint8 class indices, with IGNORE_INDEX for pixels that count in neither loss nor metrics.
+"""
+import hashlib
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from errors import UserError
+from fileio import IMAGE_EXTENSIONS, is_image_file, read_image
+
+IGNORE_INDEX = 255  # class index of ignored pixels (--ignore-label, padding, fill of rotated corners)
+MAX_CLASSES = 254
+MAX_LISTED = 6  # problems / files shown per message before "... and N more"
+
+
+def _more(items: list, n: int = MAX_LISTED) -> str:
+    shown = ", ".join(str(i) for i in items[:n])
+    return shown + (f" ... and {len(items) - n} more" if len(items) > n else "")
+
+
+# --------------------------------------------------------------------------------------------- finding files
+@dataclass
+class Sample:
+    stem: str
+    image: Path
+    mask: Path | None
+    bands: list[Path] = field(default_factory=list)
+
+
+def _files_by_stem(folder: Path) -> dict[str, Path]:
+    by_stem: dict[str, list[Path]] = defaultdict(list)
+    for p in folder.iterdir():
+        if is_image_file(p):
+            by_stem[p.stem].append(p)
+    clashes = [sorted(ps) for ps in by_stem.values() if len(ps) > 1]
+    if clashes:
+        names = _more([" and ".join(p.name for p in ps) for ps in clashes])
+        raise UserError(f"{folder}: several files share a name stem ({names}); keep one file per stem")
+    return {stem: ps[0] for stem, ps in by_stem.items()}
+
+
+def find_samples(split_dir: Path, add_dirs: list[str], masks: str = "required") -> list[Sample]:
+    """Pair <split_dir>/images with gt/ and the extra band folders by file stem.
+
+    masks: "required" (training), "optional" (use gt/ when it exists), "none".
+    """
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise UserError(f"dataset folder {split_dir} not found; expected {split_dir}/images and {split_dir}/gt")
+    img_dir = split_dir / "images"
+    if not img_dir.is_dir():
+        raise UserError(f"{img_dir} not found: put the input images in an 'images' folder")
+    images = _files_by_stem(img_dir)
+    if not images:
+        raise UserError(f"{img_dir} holds no images ({' '.join(IMAGE_EXTENSIONS)}); the images/ folder is empty")
+    gt_dir = split_dir / "gt"
+    use_masks = masks == "required" or (masks == "optional" and gt_dir.is_dir())
+    if use_masks and not gt_dir.is_dir():
+        raise UserError(f"{gt_dir} not found: put the masks in a 'gt' folder next to images/, same file names")
+    folders = {"gt": gt_dir} if use_masks else {}
+    for d in add_dirs:
+        if not (split_dir / d).is_dir():
+            raise UserError(f"{split_dir / d} not found: --add-dirs names the extra band folder '{d}', which must "
+                            f"sit next to images/ in every split")
+        folders[d] = split_dir / d
+    found = {name: _files_by_stem(folder) for name, folder in folders.items()}
+    problems = []
+    for name, files in found.items():
+        for stem in sorted(set(images) - set(files)):
+            problems.append(f"{images[stem]} has no partner in {name}/ (expected {folders[name] / stem}.<ext>)")
+        for stem in sorted(set(files) - set(images)):
+            problems.append(f"{files[stem]} has no image in images/ (expected {img_dir / stem}.<ext>)")
+    if problems:
+        raise UserError(f"{len(problems)} unpaired file(s) in {split_dir}; add the missing partner or remove the "
+                        "file:\n  " + "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more"
+                                                                     if len(problems) > 20 else ""))
+    return [Sample(stem, images[stem], found["gt"][stem] if use_masks else None,
+                   [found[d][stem] for d in add_dirs]) for stem in sorted(images)]
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+@dataclass
+class Labels:
+    """Which mask values are classes. Class 0 is background (value 0); class i is values[i-1].
+
+    strict: values outside the list are an error (the default list, --max-mask-val); with an explicit --class-list
+    they are picked out and count as background.
+    """
+    values: list[int]
+    ignore: int | None = None
+    strict: bool = True
+    flag: str = "--class-list"  # how the user chose the values, for messages
+
+    @classmethod
+    def from_args(cls, class_list: str | None, max_mask_val: int | None, ignore_label: int | None) -> "Labels":
+        if max_mask_val is not None:
+            if class_list is not None:
+                raise UserError("--class-list and --max-mask-val both given; use one")
+            if not 1 <= max_mask_val <= MAX_CLASSES:
+                raise UserError(f"--max-mask-val {max_mask_val} must be between 1 and {MAX_CLASSES}")
+            return cls(list(range(1, max_mask_val + 1)), ignore_label, True, f"--max-mask-val {max_mask_val}")
+        strict = class_list is None
+        try:
+            values = [int(v) for v in (class_list or "255").replace(",", " ").split()]
+        except ValueError:
+            raise UserError(f"--class-list '{class_list}' must be label values separated by spaces, e.g. "
+                            "--class-list \"1 2 5\"") from None
+        if not values or len(set(values)) != len(values) or min(values) < 0:
+            raise UserError(f"--class-list '{class_list}' must list distinct non-negative mask values")
+        if len(values) > MAX_CLASSES:
+            raise UserError(f"--class-list has {len(values)} values; at most {MAX_CLASSES} classes are supported")
+        if ignore_label is not None and ignore_label in values:
+            raise UserError(f"--ignore-label {ignore_label} is also in --class-list; a value is a class or ignored")
+        return cls(values, ignore_label, strict, ("the default " if strict else "") + "--class-list "
+                   + " ".join(map(str, values)))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.values) + 1
+
+    @property
+    def binary(self) -> bool:
+        return len(self.values) == 1
+
+    @property
+    def out_channels(self) -> int:
+        """Model outputs: one logit (sigmoid) for binary, one per class (softmax) otherwise."""
+        return 1 if self.binary else self.num_classes
+
+    @property
+    def names(self) -> list[str]:
+        """Class names by label value: background is 0 unless 0 is itself a listed class."""
+        return ["bg" if 0 in self.values else "0"] + [str(v) for v in self.values]
+
+    def known(self) -> set[int]:
+        return {0, *self.values} | ({self.ignore} if self.ignore is not None else set())
+
+    def lut(self, size: int = 65536) -> np.ndarray:
+        """Lookup table label value -> class index for uint8/uint16 masks."""
+        lut = np.zeros(size, np.uint8)
+        for cls, v in enumerate(self.values, start=1):
+            if v < size:
+                lut[v] = cls
+        if self.ignore is not None and 0 <= self.ignore < size:
+            lut[self.ignore] = IGNORE_INDEX
+        return lut
+
+    def to_meta(self) -> dict:
+        return {"values": self.values, "ignore": self.ignore, "strict": self.strict, "flag": self.flag}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Labels":
+        return cls(list(meta["values"]), meta["ignore"], meta["strict"], meta["flag"])
+
+
+def mask_to_2d(mask: np.ndarray, path: Path) -> np.ndarray:
+    """A mask as one (H, W) integer array; grey masks saved as RGB are accepted, colour-painted ones are not."""
+    if mask.ndim == 3:
+        if mask.shape[2] == 4:
+            mask = mask[..., :3]
+        if not (mask == mask[..., :1]).all():
+            raise UserError(f"{path}: mask is a colour (RGB) image; masks must hold one label value per pixel: "
+                            "convert it with dataset_utils/convert_classes_in_masks.py --palette")
+        mask = mask[..., 0]
+    if mask.dtype.kind == "f":
+        if not np.isfinite(mask).all() or (mask != np.round(mask)).any():
+            raise UserError(f"{path}: mask holds non-integer values; masks must hold integer label values")
+        mask = mask.astype(np.int64)
+    if mask.dtype.kind not in "ui" or (mask.dtype.kind == "i" and mask.size and mask.min() < 0):
+        raise UserError(f"{path}: mask values must be non-negative integers (found dtype {mask.dtype})")
+    if mask.dtype != np.uint8 and mask.max(initial=0) > 65535:
+        raise UserError(f"{path}: mask values above 65535 are not supported")
+    return mask if mask.dtype in (np.uint8, np.uint16) else mask.astype(np.uint16)
+
+
+# ------------------------------------------------------------------------------------------- reading samples
+def read_sample(sample: Sample, lut: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image with its bands stacked as (H, W, C) and the mask as (H, W) uint8 class indices (None if no gt).
+
+    Channels keep their dtype when all parts share it; otherwise they are stacked as float32.
+    """
+    image = read_image(sample.image)
+    parts = [image if image.ndim == 3 else image[..., None]]
+    for band_path in sample.bands:
+        band = read_image(band_path)
+        if band.ndim == 3:
+            if band.shape[2] != 1 and not (band == band[..., :1]).all():
+                raise UserError(f"{band_path}: an extra band must be a one-channel image, this one has "
+                                f"{band.shape[2]} different channels")
+            band = band[..., 0]
+        if band.shape != image.shape[:2]:
+            raise UserError(f"{band_path}: band is {_hw(band.shape)} but its image {sample.image} is "
+                            f"{_hw(image.shape)}; all files of a sample must have the same size")
+        parts.append(band[..., None])
+    if len({p.dtype for p in parts}) > 1:
+        parts = [p.astype(np.float32) for p in parts]
+    stacked = np.concatenate(parts, axis=2) if len(parts) > 1 else parts[0]
+    if sample.mask is None:
+        return stacked, None
+    mask = mask_to_2d(read_image(sample.mask, palette_indices=True), sample.mask)
+    if mask.shape != image.shape[:2]:
+        raise UserError(f"{sample.mask}: mask is {_hw(mask.shape)} but its image {sample.image} is "
+                        f"{_hw(image.shape)}; masks must have the size of their image")
+    return stacked, (lut[mask] if lut is not None else mask)
+
+
+def _hw(shape: tuple) -> str:
+    return f"{shape[1]}x{shape[0]}"
+
+
+# ------------------------------------------------------------------------------------------------ scanning
+@dataclass
+class SampleInfo:
+    """What one pass over a sample learns: size, channels, dtype, mask values, pixel sums (or the error)."""
+    stem: str
+    image: str
+    mask: str | None
+    error: str | None = None
+    height: int = 0
+    width: int = 0
+    channels: int = 0
+    dtype: str = ""
+    mask_values: dict[int, int] = field(default_factory=dict)
+    sums: np.ndarray | None = None  # per channel: sum, sum of squares (float64), min, max
+    sumsq: np.ndarray | None = None
+    mins: np.ndarray | None = None
+    maxs: np.ndarray | None = None
+
+
+def inspect_sample(sample: Sample, with_stats: bool) -> SampleInfo:
+    info = SampleInfo(sample.stem, str(sample.image), str(sample.mask) if sample.mask else None)
+    try:
+        image, mask = read_sample(sample, lut=None)
+    except UserError as e:
+        info.error = str(e)
+        return info
+    info.height, info.width, info.channels = image.shape
+    info.dtype = str(image.dtype)
+    if mask is not None:
+        counts = np.bincount(mask.ravel(), minlength=1)
+        info.mask_values = {int(v): int(c) for v, c in enumerate(counts) if c}
+    if with_stats:
+        flat = image.reshape(-1, image.shape[2]).astype(np.float64)
+        info.sums, info.sumsq = flat.sum(0), (flat * flat).sum(0)
+        info.mins, info.maxs = flat.min(0), flat.max(0)
+    return info
+
+
+class _ScanSet(torch.utils.data.Dataset):
+    def __init__(self, samples: list[Sample], with_stats: bool):
+        self.samples, self.with_stats = samples, with_stats
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> SampleInfo:
+        return inspect_sample(self.samples[i], self.with_stats)
+
+
+def scan_samples(samples: list[Sample], with_stats: bool, workers: int, desc: str = "checking") -> list[SampleInfo]:
+    """Read every sample once (in parallel) and return what was learnt; never raises for bad files."""
+    from tqdm import tqdm
+
+    loader = torch.utils.data.DataLoader(_ScanSet(samples, with_stats), batch_size=None, num_workers=workers,
+                                         collate_fn=lambda x: x)
+    return list(tqdm(loader, total=len(samples), desc=desc, leave=False, dynamic_ncols=True,
+                     disable=len(samples) < 200))
+
+
+def dataset_problems(infos: list[SampleInfo], labels: Labels | None, split: str) -> list[str]:
+    """Every problem that makes a split unusable for training, one line each."""
+    problems = [i.error for i in infos if i.error]
+    ok = [i for i in infos if not i.error]
+    for attr, what in (("channels", "channels (image + extra bands)"), ("dtype", "pixel type")):
+        groups = defaultdict(list)
+        for i in ok:
+            groups[getattr(i, attr)].append(i)
+        if len(groups) > 1:
+            common = max(groups, key=lambda k: len(groups[k]))
+            for value, members in groups.items():
+                if value != common:
+                    problems.append(f"{split}: {len(members)} image(s) have {value} {what} while "
+                                    f"{len(groups[common])} have {common}: {_more([m.image for m in members])}; "
+                                    "convert them so every image has the same layout")
+    if labels is not None:
+        problems += label_problems(ok, labels, split)
+    return problems
+
+
+def label_problems(infos: list[SampleInfo], labels: Labels, split: str) -> list[str]:
+    files_with: dict[int, list[str]] = defaultdict(list)
+    for i in infos:
+        for v in i.mask_values:
+            files_with[v].append(i.mask)
+    found = sorted(files_with)
+    unlisted = [v for v in found if v not in labels.known()]
+    problems = []
+    if unlisted and labels.strict:
+        suggestion = " ".join(str(v) for v in found if v != 0 and v != labels.ignore)
+        hint = (" (many in-between values: JPEG or anti-aliased masks? save masks as PNG with exact values)"
+                if len(unlisted) > 10 else "")
+        where = "; ".join(f"{v} in {_more(files_with[v], 3)}" for v in unlisted[:MAX_LISTED])
+        problems.append(f"{split} masks hold label values {_more(unlisted)} not covered by {labels.flag}{hint}: "
+                        f"{where}. If they are classes, pass "
+                        f"--class-list \"{suggestion}\"; to leave them out of training pass --ignore-label "
+                        "VALUE; or fix those masks")
+    if split == "train" and infos and not any(v in files_with for v in labels.values):
+        problems.append(f"no training mask holds any of the class values {' '.join(map(str, labels.values))} "
+                        f"(values found: {_more(found)}); pass the right --class-list, e.g. --class-list \""
+                        f"{' '.join(str(v) for v in found if v != 0) or '255'}\"")
+    return problems
+
+
+def unlisted_note(infos: list[SampleInfo], labels: Labels) -> str | None:
+    """With an explicit --class-list, name the values that are trained as background."""
+    found = {v for i in infos for v in i.mask_values}
+    rest = sorted(found - labels.known())
+    if rest and not labels.strict:
+        return f"note: mask values {_more(rest)} are not in --class-list and are trained as background"
+    return None
+
+
+@dataclass
+class ChannelStats:
+    mean: list[float]
+    std: list[float]
+    min: list[float]
+    max: list[float]
+    class_pixels: list[int]  # pixels per class index over the training masks (ignored pixels left out)
+
+
+def channel_stats(infos: list[SampleInfo], labels: Labels) -> ChannelStats:
+    """Exact per-channel mean/std over every pixel of the training set (float64 sums)."""
+    n = sum(i.height * i.width for i in infos)
+    sums = np.sum([i.sums for i in infos], axis=0)
+    sumsq = np.sum([i.sumsq for i in infos], axis=0)
+    mean = sums / n
+    std = np.sqrt(np.maximum(sumsq / n - mean * mean, 0.0))
+    lut = labels.lut()
+    pixels = np.zeros(labels.num_classes, np.int64)
+    for i in infos:
+        for v, c in i.mask_values.items():
+            cls = lut[v] if v < len(lut) else 0
+            if cls != IGNORE_INDEX:
+                pixels[cls] += c
+    return ChannelStats(mean.tolist(), np.where(std > 0, std, 1.0).tolist(),
+                        np.min([i.mins for i in infos], axis=0).tolist(),
+                        np.max([i.maxs for i in infos], axis=0).tolist(), pixels.tolist())
+
+
+def fingerprint(samples: list[Sample]) -> str:
+    """Changes when any file of the samples is added, removed, resized or rewritten."""
+    h = hashlib.sha1()
+    for s in samples:
+        for p in [s.image, s.mask, *s.bands]:
+            if p is not None:
+                st = p.stat()
+                h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- torch Dataset
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Samples as (image CHW float32 normalised to zero mean / unit std per channel, mask HW uint8 classes, index).
+
+    Augmentations see 8-bit images as they are and other dtypes scaled to [0, 1] by the training set's exact
+    per-channel range (albumentations clips floats to [0, 1]); one per-channel affine then normalises either.
+    A key may be (index, seed): the sample's augmentation is drawn from that seed alone, which makes an epoch
+    reproducible whatever the number of workers, and a resumed run identical to an uninterrupted one.
+    """
+
+    def __init__(self, samples: list[Sample], labels: Labels, stats: ChannelStats, transform=None):
+        self.samples = samples
+        self.lut = labels.lut()
+        self.transform = transform
+        mean, std = np.asarray(stats.mean, np.float32), np.asarray(stats.std, np.float32)
+        lo, hi = np.asarray(stats.min, np.float32), np.asarray(stats.max, np.float32)
+        self.lo, self.inv_range = lo, 1.0 / np.where(hi > lo, hi - lo, 1.0)
+        # normalised = x * scale + shift, for raw pixels or for range-scaled ones out of the augmentations
+        self.scale_raw, self.shift_raw = 1.0 / std, -mean / std
+        self.scale01, self.shift01 = (1.0 / self.inv_range) / std, (lo - mean) / std
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The raw (H, W, C) image and (H, W) class-index mask (zeros when the sample has no mask)."""
+        image, mask = read_sample(self.samples[index], self.lut)
+        return image, (mask if mask is not None else np.zeros(image.shape[:2], np.uint8))
+
+    def augment(self, index: int, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The sample after the transform, in the augmentation domain (uint8, or float32 in [0, 1]);
+        without a transform, the raw sample."""
+        image, mask = self.load(index)
+        if self.transform is None:
+            return image, mask
+        if image.dtype != np.uint8:
+            image = np.clip((image.astype(np.float32) - self.lo) * self.inv_range, 0, 1, dtype=np.float32)
+        if seed is not None:
+            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        out = self.transform(image=image, mask=mask)
+        return out["image"], out["mask"]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        image, mask = self.augment(index, seed)
+        raw = self.transform is None or image.dtype == np.uint8
+        scale, shift = (self.scale_raw, self.shift_raw) if raw else (self.scale01, self.shift01)
+        image = image.reshape(*image.shape[:2], -1).astype(np.float32) * scale + shift
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.from_numpy(mask), index

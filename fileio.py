@@ -1,0 +1,128 @@
+"""Reading and writing images the way users have them, and atomic file writes.
+
+Images come back as stored: (H, W) or (H, W, C) numpy arrays of their own dtype, colour channels in RGB order.
+TIFFs go through tifffile (any band count, planar or interleaved, LZW/Deflate/ZSTD via imagecodecs); everything
+else through OpenCV's imdecode/imencode on bytes, so paths with non-ASCII characters work on every platform.
+"""
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+
+from errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+TIFF_EXTENSIONS = (".tif", ".tiff")
+
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # we report broken files ourselves
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        data = series.asarray()
+        axes = series.axes
+    # Move the band axis (samples S, channels C, pages I/Q) behind Y and X: planar GeoTIFFs store bands first.
+    if data.ndim == 3 and axes.index("Y") == 1 and axes.index("X") == 2:
+        data = np.moveaxis(data, 0, -1)
+    elif data.ndim > 3 or (data.ndim == 3 and axes[:2] != "YX"):
+        raise UserError(f"{path}: unsupported TIFF layout (axes {axes}, shape {data.shape}); save one image per "
+                        "file as height x width x bands")
+    return np.ascontiguousarray(data)
+
+
+def _is_palette_png(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(26)
+    return head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 26 and head[25] == 3
+
+
+def read_image(path: Path, palette_indices: bool = False) -> np.ndarray:
+    """Read one image file as stored. palette_indices: return a palette PNG's indices, not its colours (masks)."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise UserError(f"{path}: the file is empty (0 bytes); re-export it or remove this sample")
+        if path.suffix.lower() in TIFF_EXTENSIONS:
+            return _read_tiff(path)
+        if palette_indices and _is_palette_png(path):
+            from PIL import Image  # Pillow comes with matplotlib; OpenCV cannot return palette indices
+
+            with Image.open(path) as im:
+                return np.asarray(im)
+        data = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except Exception as e:  # noqa: BLE001 -- tifffile/Pillow raise many types for broken files
+        if "imagecodecs" in str(e):
+            raise UserError(f"{path}: compressed TIFF needs imagecodecs: pip install imagecodecs") from None
+        raise UserError(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:120]}); the file is corrupt or "
+                        "not an image: re-export it or remove this sample") from None
+    if data is None:
+        raise UserError(f"{path}: cannot be decoded; the file is corrupt or not an image: re-export it or remove "
+                        "this sample")
+    if data.ndim == 3 and data.shape[2] == 3:
+        data = cv2.cvtColor(data, cv2.COLOR_BGR2RGB)
+    elif data.ndim == 3 and data.shape[2] == 4:
+        data = cv2.cvtColor(data, cv2.COLOR_BGRA2RGBA)
+    return data
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename, else it is removed.
+
+    A reader never sees a half-written file, and a killed writer leaves only a `*.tmp` file behind.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    tmp.chmod(0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (UTF-8)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_image(path: Path, image: np.ndarray, compression: str | None = "zlib") -> None:
+    """Write an (H, W) or (H, W, C) array atomically; TIFF keeps any dtype and band count (Deflate by default)."""
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        if path.suffix.lower() in TIFF_EXTENSIONS:
+            rgb = image.ndim == 3 and image.shape[2] == 3
+            tifffile.imwrite(tmp, image, photometric="rgb" if rgb else "minisblack", planarconfig="contig",
+                             compression=compression)
+        else:
+            if image.ndim == 3 and image.shape[2] == 3:
+                image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+            elif image.ndim == 3 and image.shape[2] == 4:
+                image = cv2.cvtColor(image, cv2.COLOR_RGBA2BGRA)
+            ok, buf = cv2.imencode(path.suffix, image)
+            if not ok:
+                raise UserError(f"{path}: OpenCV cannot write {image.dtype} with {image.shape} as {path.suffix}; "
+                                "use a .tif output")
+            buf.tofile(tmp)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Make .venv (once) and install a requirements file into it (again only when a requirements file changes).
+#   source setup.sh [requirements.txt]      -> sets PY to the venv's python
+# VENV=none uses the current python3 as it is (e.g. Google Colab, where torch is preinstalled).
+set -euo pipefail
+req=${1:-requirements.txt}
+PY=${PYTHON:-python3}
+if [ "${VENV:-.venv}" != none ]; then
+  venv=${VENV:-.venv}
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "setting up $venv (first run only: PyTorch is a large download, a few minutes) ..."
+    "$PY" -m venv "$venv"
+  fi
+  PY="$venv/bin/python"
+  stamp="$venv/.installed-$(basename "$req")"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$(cat requirements*.txt)" ]; then
+    "$PY" -m pip install -q --upgrade pip
+    "$PY" -m pip install -q -r "$req"
+    cat requirements*.txt > "$stamp"
+  fi
+fi

@@ -1,0 +1,75 @@
+"""Shared helpers: tiny generated datasets and running the scripts through their command lines."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may wait on the network
+
+from fileio import write_image  # noqa: E402
+
+# Fast training flags: tiny crops, one epoch, no pretrained weights, no worker processes.
+FAST = ["-m", "unet", "--encoder", "resnet18", "--encoder-weights", "none", "--image-size", "32", "-b", "2",
+        "-e", "1", "--cpu", "-w", "0"]
+
+
+def blob_mask(rng: np.random.Generator, h: int, w: int, values: tuple[int, ...]) -> np.ndarray:
+    """A mask of discs, one disc per label value, on background 0."""
+    yy, xx = np.mgrid[:h, :w]
+    mask = np.zeros((h, w), np.uint16 if max(values) > 255 else np.uint8)
+    for v in values:
+        cy, cx, r = rng.integers(h // 4, 3 * h // 4), rng.integers(w // 4, 3 * w // 4), rng.integers(4, h // 3)
+        mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = v
+    return mask
+
+
+def make_dataset(root: Path, n_train: int = 6, n_val: int = 3, size: tuple[int, int] = (48, 64), channels: int = 3,
+                 dtype=np.uint8, bands: tuple[str, ...] = (), values: tuple[int, ...] = (255,), ext: str = ".png",
+                 seed: int = 0) -> Path:
+    """<root>/{train,val}/{images,gt,<bands>}: images brighter where the mask has a class, so a model can learn."""
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for folder in ("images", "gt", *bands):
+            (root / split / folder).mkdir(parents=True, exist_ok=True)
+    top = {np.uint8: 255, np.uint16: 10000, np.float32: 1.0}[dtype]
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            h, w = size
+            mask = blob_mask(rng, h, w, values)
+            signal = (mask > 0).astype(np.float32) * (0.3 + 0.5 * np.isin(mask, values[1:]))
+            base = rng.uniform(0.1, 0.4, (h, w, channels)) + signal[..., None] * 0.5
+            image = (np.clip(base, 0, 1) * top).astype(dtype)
+            stem = f"{split[0]}{i:03d}"
+            write_image(root / split / "images" / f"{stem}{ext}", image[..., 0] if channels == 1 else image)
+            write_image(root / split / "gt" / f"{stem}.png", mask)
+            for band in bands:
+                write_image(root / split / band / f"{stem}{ext}", (np.clip(base[..., 0], 0, 1) * top).astype(dtype))
+    return root
+
+
+def run_script(script: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run one of the kit's scripts as a user would, with this interpreter, offline."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, no traceback, one `error:` message naming every needle."""
+    out = result.stdout + result.stderr
+    assert "Traceback" not in out, out
+    assert result.returncode == 2, out
+    assert "error:" in out, out
+    for n in needles:
+        assert n in out, f"{n!r} not in: {out}"
+    return out
+
+
+@pytest.fixture
+def binary_ds(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "ds")

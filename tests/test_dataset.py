@@ -1,0 +1,145 @@
+import numpy as np
+import pytest
+from conftest import make_dataset
+
+from dataset import (
+    IGNORE_INDEX,
+    Labels,
+    SegmentationDataset,
+    channel_stats,
+    dataset_problems,
+    find_samples,
+    mask_to_2d,
+    read_sample,
+    scan_samples,
+)
+from errors import UserError
+from fileio import read_image, write_image
+
+
+def test_pairs_by_stem_across_extensions(tmp_path):
+    make_dataset(tmp_path, n_train=3, ext=".tif", bands=("nir",))
+    samples = find_samples(tmp_path / "train", ["nir"])
+    assert [s.stem for s in samples] == ["t000", "t001", "t002"]
+    assert samples[0].image.suffix == ".tif" and samples[0].mask.suffix == ".png"
+    assert samples[0].bands[0].parent.name == "nir"
+
+
+def test_missing_partners_are_all_named(tmp_path):
+    make_dataset(tmp_path, n_train=4, bands=("nir",))
+    (tmp_path / "train" / "gt" / "t001.png").unlink()
+    (tmp_path / "train" / "nir" / "t002.png").unlink()
+    (tmp_path / "train" / "images" / "t003.png").unlink()
+    with pytest.raises(UserError) as e:
+        find_samples(tmp_path / "train", ["nir"])
+    msg = str(e.value)
+    # t003's missing image orphans both its gt and nir files
+    assert "t001" in msg and "t002" in msg and "t003" in msg and "4 unpaired" in msg
+
+
+def test_ambiguous_stem_is_an_error(tmp_path):
+    make_dataset(tmp_path, n_train=2)
+    write_image(tmp_path / "train" / "gt" / "t000.tif", np.zeros((48, 64), np.uint8))
+    with pytest.raises(UserError, match=r"t000\.png and t000\.tif"):
+        find_samples(tmp_path / "train", [])
+
+
+@pytest.mark.parametrize("missing,needle", [("gt", "'gt' folder"), ("images", "'images' folder")])
+def test_missing_folders(tmp_path, missing, needle):
+    make_dataset(tmp_path, n_train=2)
+    import shutil
+
+    shutil.rmtree(tmp_path / "train" / missing)
+    with pytest.raises(UserError, match=needle):
+        find_samples(tmp_path / "train", [])
+
+
+def test_labels_binary_multiclass_and_ignore():
+    b = Labels.from_args(None, None, None)
+    assert b.binary and b.out_channels == 1 and b.strict and b.lut()[255] == 1 and b.lut()[7] == 0
+    m = Labels.from_args("1 2 5", None, 9)
+    assert m.num_classes == 4 and m.out_channels == 4 and not m.strict
+    assert m.lut()[[0, 1, 2, 5, 9, 3]].tolist() == [0, 1, 2, 3, IGNORE_INDEX, 0]
+    assert Labels.from_args(None, 3, None).values == [1, 2, 3]
+    with pytest.raises(UserError, match=r"class-list"):
+        Labels.from_args("a b", None, None)
+    with pytest.raises(UserError, match=r"ignore-label"):
+        Labels.from_args("1 2", None, 2)
+
+
+def test_masks_saved_as_grey_rgb_are_accepted_colour_masks_are_not(tmp_path):
+    grey = np.repeat(np.array([[0, 255]], np.uint8)[..., None], 3, axis=2)
+    assert mask_to_2d(grey, tmp_path / "m.png").tolist() == [[0, 255]]
+    colour = grey.copy()
+    colour[0, 1] = (255, 0, 0)
+    with pytest.raises(UserError, match=r"colour"):
+        mask_to_2d(colour, tmp_path / "m.png")
+
+
+def test_scan_reports_every_problem_with_file_names(tmp_path):
+    make_dataset(tmp_path, n_train=6, bands=("nir",))
+    tr = tmp_path / "train"
+    write_image(tr / "gt" / "t000.png", np.zeros((40, 64), np.uint8))                    # size mismatch
+    write_image(tr / "nir" / "t001.png", np.zeros((40, 64), np.uint8))                   # band size mismatch
+    (tr / "images" / "t002.png").write_bytes(b"")                                         # empty file
+    write_image(tr / "images" / "t003.png", np.zeros((48, 64), np.uint8))                # 1 channel among RGB
+    m = read_image(tr / "gt" / "t004.png")
+    m[0, 0] = 128
+    write_image(tr / "gt" / "t004.png", m)                                                # unknown label value
+    labels = Labels.from_args(None, None, None)
+    infos = scan_samples(find_samples(tr, ["nir"]), with_stats=True, workers=0)
+    problems = "\n".join(dataset_problems(infos, labels, "train"))
+    for stem in ("t000", "t001", "t002", "t003", "t004"):
+        assert stem in problems, problems
+    assert "128" in problems and '--class-list "128 255"' in problems
+
+
+def test_masks_0_1_suggest_class_list(tmp_path):
+    make_dataset(tmp_path, n_train=3, values=(1,))
+    infos = scan_samples(find_samples(tmp_path / "train", []), with_stats=False, workers=0)
+    problems = " ".join(dataset_problems(infos, Labels.from_args(None, None, None), "train"))
+    assert '--class-list "1"' in problems
+
+
+def test_explicit_class_list_picks_values_others_become_background(tmp_path):
+    make_dataset(tmp_path, n_train=3, values=(1, 2, 5))
+    labels = Labels.from_args("2", None, None)
+    infos = scan_samples(find_samples(tmp_path / "train", []), with_stats=False, workers=0)
+    assert dataset_problems(infos, labels, "train") == []
+    _, mask = read_sample(find_samples(tmp_path / "train", [])[0], labels.lut())
+    assert set(np.unique(mask)) <= {0, 1}
+
+
+def test_channel_stats_are_exact(tmp_path):
+    make_dataset(tmp_path, n_train=4, dtype=np.uint16, bands=("nir",), size=(40, 50))
+    samples = find_samples(tmp_path / "train", ["nir"])
+    infos = scan_samples(samples, with_stats=True, workers=0)
+    stats = channel_stats(infos, Labels.from_args(None, None, None))
+    pixels = np.concatenate([read_sample(s, None)[0].reshape(-1, 4).astype(np.float64) for s in samples])
+    np.testing.assert_allclose(stats.mean, pixels.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.std, pixels.std(0), rtol=1e-9)
+    assert stats.max == pixels.max(0).tolist() and sum(stats.class_pixels) == len(pixels)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_samples_are_normalised_and_reproducible(tmp_path, dtype):
+    import albumentations as A
+
+    from augmentations import train_transform
+
+    make_dataset(tmp_path, n_train=4, dtype=dtype, bands=("nir",))
+    samples = find_samples(tmp_path / "train", ["nir"])
+    labels = Labels.from_args(None, None, None)
+    stats = channel_stats(scan_samples(samples, with_stats=True, workers=0), labels)
+    plain = SegmentationDataset(samples, labels, stats)
+    x = np.stack([plain[i][0].numpy() for i in range(4)])
+    np.testing.assert_allclose(x.mean((0, 2, 3)), 0, atol=1e-4)
+    np.testing.assert_allclose(x.std((0, 2, 3)), 1, atol=1e-3)
+    aug = SegmentationDataset(samples, labels, stats, train_transform("hard", 32, False, False))
+    a, b, c = aug[(1, 7)], aug[(1, 7)], aug[(1, 8)]
+    assert a[0].shape == (4, 32, 32) and a[1].shape == (32, 32)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+    # with the identity transform the augmentation path normalises exactly like the plain one
+    ident = SegmentationDataset(samples, labels, stats, A.Compose([]))
+    np.testing.assert_allclose(ident[(0, 1)][0].numpy(), plain[0][0].numpy(), atol=1e-4)

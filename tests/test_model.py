@@ -1,0 +1,82 @@
+import argparse
+import time
+
+import pytest
+import torch
+from conftest import make_dataset  # noqa: F401  (puts the repo on sys.path)
+
+from errors import UserError
+from model import ARCHITECTURES, build_model, load_checkpoint, min_input_size, save_checkpoint
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_every_architecture_builds_and_keeps_input_size(arch):
+    encoder = "tu-test_vit" if arch == "dpt" else "resnet18"
+    model, _ = build_model(arch, encoder, in_channels=4, out_channels=3, weights="none")
+    size = max(64, min_input_size(arch))
+    with torch.no_grad():
+        y = model.eval()(torch.randn(2, 4, size, size + 32))
+    assert y.shape == (2, 3, size, size + 32)
+
+
+def test_aliases_and_unknown_names_list_the_choices():
+    assert build_model("UnetPlusPlus", "resnet18", 3, 1)[0].__class__.__name__ == "UnetPlusPlus"
+    with pytest.raises(UserError, match=r"unetx.*unet, unet\+\+"):
+        build_model("unetx", "resnet18", 3, 1)
+    with pytest.raises(UserError, match=r"resnet999.*did you mean"):
+        build_model("unet", "resnet999", 3, 1)
+    with pytest.raises(UserError, match="tu-resnet999x"):
+        build_model("unet", "tu-resnet999x", 3, 1)
+    with pytest.raises(UserError, match="dpt cannot be built with --encoder resnet18"):
+        build_model("dpt", "resnet18", 3, 1)
+
+
+def test_auto_weights_offline_fall_back_fast_and_loudly(capsys):
+    t0 = time.monotonic()
+    _, desc = build_model("unet", "resnet18", 4, 1, "auto")
+    assert time.monotonic() - t0 < 5
+    assert "random initialisation" in desc
+    assert "TRAINING FROM SCRATCH" in capsys.readouterr().err
+
+
+def test_explicit_imagenet_offline_fails_with_the_way_out():
+    with pytest.raises(UserError, match="--encoder-weights PATH"):
+        build_model("unet", "resnet18", 3, 1, "imagenet")
+    with pytest.raises(UserError, match="has weights imagenet, ssl, swsl"):
+        build_model("unet", "resnet18", 3, 1, "imagenet22k")
+    with pytest.raises(UserError, match="file not found"):
+        build_model("unet", "resnet18", 3, 1, "weights/missing.pth")
+
+
+def test_local_encoder_weights_file_adapts_first_conv(tmp_path):
+    source, _ = build_model("unet", "resnet18", 3, 1)
+    torch.save(source.encoder.state_dict(), tmp_path / "enc.pth")
+    model, desc = build_model("unet", "resnet18", 5, 2, str(tmp_path / "enc.pth"))
+    assert "encoder tensors" in desc
+    rgb = source.encoder.conv1.weight
+    assert torch.allclose(model.encoder.conv1.weight[:, :3], rgb * 3 / 5)
+    assert torch.allclose(model.encoder.conv1.weight[:, 3:], rgb[:, :2] * 3 / 5)
+    assert torch.equal(model.encoder.layer4[1].conv2.weight, source.encoder.layer4[1].conv2.weight)
+
+
+def test_weights_file_of_another_encoder_is_refused(tmp_path):
+    other, _ = build_model("unet", "efficientnet-b0", 3, 1)
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    with pytest.raises(UserError, match="no tensor matches"):
+        build_model("unet", "resnet18", 3, 1, str(tmp_path / "other.pth"))
+
+
+def test_checkpoint_checks(tmp_path):
+    save_checkpoint(tmp_path / "ok.pth", {"model": {}, "meta": {"format": "segkit-checkpoint", "version": 1}})
+    assert load_checkpoint(tmp_path / "ok.pth")["meta"]["version"] == 1
+    torch.save({"model": {}}, tmp_path / "plain.pth")
+    with pytest.raises(UserError, match="not a segkit checkpoint"):
+        load_checkpoint(tmp_path / "plain.pth")
+    torch.save({"model": argparse.Namespace(lr=1)}, tmp_path / "pickled.pth")  # pickled objects, like older kits
+    with pytest.raises(UserError, match="another tool"):
+        load_checkpoint(tmp_path / "pickled.pth")
+    (tmp_path / "text.pth").write_text("hello")
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "text.pth")
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "none.pth")

@@ -1,0 +1,210 @@
+"""train.py end to end through its command line, on tiny generated datasets."""
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, ROOT, assert_user_error, make_dataset, run_script
+
+from fileio import read_image, write_image
+
+
+def rows(exp):
+    with open(exp / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def train(ds, log, *extra):
+    return run_script("train.py", "-d", ds, "-log", log, *FAST, *extra)
+
+
+def test_binary_run_writes_checkpoints_metrics_and_events(tmp_path, binary_ds):
+    r = train(binary_ds, tmp_path / "logs", "--exp-name", "bin", "-e", "2")
+    assert r.returncode == 0, r.stderr
+    exp = tmp_path / "logs" / "bin"
+    history = rows(exp)
+    assert [h["epoch"] for h in history] == ["1", "2"]
+    assert list(history[0])[:4] == ["epoch", "train_loss", "val_loss", "val_miou"]
+    assert {"iou_0", "iou_255", "lr"} <= set(history[0])
+    assert list(exp.glob("events.out.tfevents*"))
+    assert "epoch 2/2" in r.stdout and "val_mIoU" in r.stdout
+    ckpt = torch.load(exp / "last.pth", weights_only=True)
+    meta = ckpt["meta"]
+    assert ckpt["epoch"] == 2 and meta["format"] == "segkit-checkpoint"
+    assert (meta["arch"], meta["encoder"], meta["in_channels"], meta["out_channels"]) == ("unet", "resnet18", 3, 1)
+    assert meta["labels"]["values"] == [255] and len(meta["stats"]["mean"]) == 3 and meta["image_size"] == 32
+    best = torch.load(exp / "best.pth", weights_only=True)
+    assert best["epoch"] in (1, 2) and set(best["model"]) == set(ckpt["model"])
+    assert not list(exp.glob("*.tmp")) and not list(exp.glob(".*.tmp"))
+
+
+def test_multiclass_16bit_nir_odd_length_non_ascii(tmp_path):
+    ds = make_dataset(tmp_path / "данные набор", n_train=7, n_val=3, dtype=np.uint16, bands=("nir",),
+                      values=(1, 2, 5), ext=".tif")
+    r = train(ds, tmp_path / "logs", "--exp-name", "multi", "--add-dirs", "nir", "--class-list", "1 2 5",
+              "--loss", "dice+ce", "-a", "hard", "-w", "1")
+    assert r.returncode == 0, r.stderr
+    exp = tmp_path / "logs" / "multi"
+    assert {"iou_0", "iou_1", "iou_2", "iou_5"} <= set(rows(exp)[0])
+    meta = torch.load(exp / "last.pth", weights_only=True)["meta"]
+    assert meta["in_channels"] == 4 and meta["out_channels"] == 4 and meta["add_dirs"] == ["nir"]
+    assert meta["dtype"] == "uint16" and meta["stats"]["max"][0] > 255
+
+
+def test_grey_images_max_mask_val_and_ignore_label(tmp_path):
+    ds = make_dataset(tmp_path / "ds", channels=1, values=(1, 2, 9))
+    r = train(ds, tmp_path / "logs", "--exp-name", "g", "--max-mask-val", "2", "--ignore-label", "9",
+              "--loss", "ce", "--class-weights", "auto")
+    assert r.returncode == 0, r.stderr
+    meta = torch.load(tmp_path / "logs" / "g" / "last.pth", weights_only=True)["meta"]
+    assert meta["in_channels"] == 1 and meta["labels"] == {"values": [1, 2], "ignore": 9, "strict": True,
+                                                          "flag": "--max-mask-val 2"}
+
+
+def test_resume_continues_and_finished_run_exits_zero(tmp_path, binary_ds):
+    log = tmp_path / "logs"
+    assert train(binary_ds, log, "--exp-name", "r").returncode == 0
+    r = train(binary_ds, log, "--exp-name", "r", "-e", "2")
+    assert r.returncode == 0, r.stderr
+    assert "resuming after epoch 1/2" in r.stdout and "epoch 2/2" in r.stdout
+    assert [h["epoch"] for h in rows(log / "r")] == ["1", "2"]
+    before = (log / "r" / "metrics.csv").read_text()
+    r = train(binary_ds, log, "--exp-name", "r", "-e", "2")
+    assert r.returncode == 0 and "already finished" in r.stdout
+    assert (log / "r" / "metrics.csv").read_text() == before
+    r = train(binary_ds, log, "--exp-name", "r", "-e", "3", "--encoder", "resnet34")
+    assert_user_error(r, "--encoder resnet18", "--exp-name")
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    ds = make_dataset(tmp_path / "ds", n_train=16, n_val=4)
+    log = tmp_path / "logs"
+    args = [sys.executable, str(ROOT / "train.py"), "-d", str(ds), "-log", str(log), *FAST, "-e", "3", "-b", "4"]
+    subprocess.run(args + ["--exp-name", "ref"], check=True, capture_output=True, cwd=ROOT)
+    p = subprocess.Popen(args + ["--exp-name", "killed"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    csv_path = log / "killed" / "metrics.csv"
+    deadline = time.monotonic() + 300
+    while not (csv_path.exists() and len(csv_path.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    r = subprocess.run(args + ["--exp-name", "killed"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    ref, resumed = rows(log / "ref"), rows(log / "killed")
+    assert [h["epoch"] for h in resumed] == ["1", "2", "3"]
+    for a, b in zip(ref, resumed, strict=True):
+        assert (a["train_loss"], a["val_miou"]) == (b["train_loss"], b["val_miou"])
+
+
+def test_add_val_dirs_select_on_weighted_mean(tmp_path, binary_ds):
+    extra = make_dataset(tmp_path / "extra", n_train=1, n_val=2, seed=3)
+    listing = tmp_path / "vals.txt"
+    listing.write_text(f"{extra / 'val'}\n# a comment\n{binary_ds / 'val'}\n")
+    r = train(binary_ds, tmp_path / "logs", "--exp-name", "av", "-e", "2", "--add-val-dirs", listing,
+              "--adv-freq", "2")
+    assert r.returncode == 0, r.stderr
+    history = rows(tmp_path / "logs" / "av")
+    assert history[0]["score"] == "" and history[1]["score"] != ""  # chosen on epochs that see every set
+    assert history[0]["extra_val_miou"] == "" and history[1]["extra_val_miou"] != ""
+    assert history[1]["ds_val_miou"] != ""
+    r = train(binary_ds, tmp_path / "logs", "--exp-name", "only", "--add-val-dirs", listing, "--use-only-add-val")
+    assert r.returncode == 0, r.stderr
+    assert "val_miou" not in rows(tmp_path / "logs" / "only")[0]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def break_dataset(ds, how):
+    tr = ds / "train"
+    if how == "missing_gt_dir":
+        shutil.rmtree(tr / "gt")
+    elif how == "empty_images":
+        shutil.rmtree(tr / "images")
+        (tr / "images").mkdir()
+    elif how == "image_without_mask":
+        (tr / "gt" / "t003.png").unlink()
+    elif how == "mask_without_image":
+        (tr / "images" / "t003.png").unlink()
+    elif how == "mask_size":
+        write_image(tr / "gt" / "t003.png", np.zeros((40, 64), np.uint8))
+    elif how == "band_size":
+        write_image(tr / "nir" / "t003.png", np.zeros((40, 64), np.uint8))
+    elif how == "missing_band":
+        (tr / "nir" / "t003.png").unlink()
+    elif how == "zero_byte":
+        (tr / "images" / "t003.png").write_bytes(b"")
+    elif how == "corrupt":
+        data = (tr / "images" / "t003.png").read_bytes()
+        (tr / "images" / "t003.png").write_bytes(data[:40] + bytes(range(256)) * 2)
+    elif how == "mask_value":
+        m = read_image(tr / "gt" / "t003.png")
+        m[:3] = 128
+        write_image(tr / "gt" / "t003.png", m)
+    elif how == "rgb_mask":
+        m = read_image(tr / "gt" / "t003.png")
+        write_image(tr / "gt" / "t003.png", np.stack([m, m * 0, m * 0], axis=2))
+    elif how == "mixed_channels":
+        write_image(tr / "images" / "t003.png", np.zeros((48, 64), np.uint8))
+    elif how == "val_channels":
+        write_image(ds / "val" / "images" / "v001.png", np.zeros((48, 64), np.uint8))
+
+
+@pytest.mark.parametrize("how,needles", [
+    ("missing_gt_dir", ["train/gt", "'gt' folder"]),
+    ("empty_images", ["train/images", "empty"]),
+    ("image_without_mask", ["t003", "no partner in gt/"]),
+    ("mask_without_image", ["t003", "no image"]),
+    ("mask_size", ["t003", "64x40", "64x48"]),
+    ("band_size", ["t003", "nir"]),
+    ("missing_band", ["t003", "nir/"]),
+    ("zero_byte", ["t003", "empty (0 bytes)"]),
+    ("corrupt", ["t003", "corrupt"]),
+    ("mask_value", ["t003", "128", '--class-list "128 255"', "--ignore-label"]),
+    ("rgb_mask", ["t003", "colour"]),
+    ("mixed_channels", ["t003", "2 channels", "while 5 have 4"]),
+    ("val_channels", ["v001", "differ from the training images"]),
+])
+def test_bad_data_gets_one_clear_error(tmp_path, how, needles):
+    ds = make_dataset(tmp_path / "ds", n_train=6, bands=("nir",))
+    break_dataset(ds, how)
+    r = train(ds, tmp_path / "logs", "--add-dirs", "nir", "--exp-name", "bad")
+    assert_user_error(r, *needles)
+    assert not (tmp_path / "logs" / "bad").exists()  # nothing half-made
+
+
+def test_masks_0_1_name_the_class_list(tmp_path):
+    ds = make_dataset(tmp_path / "ds", values=(1,))
+    assert_user_error(train(ds, tmp_path / "logs"), '--class-list "1"')
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--image-size", "100"], ["--image-size 96"]),
+    (["-m", "unetx"], ["unetx", "unet++", "deeplabv3+"]),
+    (["--encoder", "resnet999"], ["resnet999", "did you mean"]),
+    (["-m", "pan", "--image-size", "64"], ["--image-size 128"]),
+    (["--encoder-weights", "imagenet"], ["imagenet", "--encoder-weights none"]),
+    (["-d", "no_such_dataset"], ["no_such_dataset", "not found"]),
+    (["--class-list", "1 x"], ["--class-list"]),
+    (["--class-weights", "1 2 3"], ["--class-weights", "0, 255"]),
+    (["-m", "deeplabv3", "-b", "1"], ["-b 2"]),
+])
+def test_bad_flags_get_one_clear_error(tmp_path, binary_ds, args, needles):
+    assert_user_error(train(binary_ds, tmp_path / "logs", *args), *needles)
+
+
+def test_missing_val_split_points_to_the_fix(tmp_path, binary_ds):
+    shutil.rmtree(binary_ds / "val")
+    assert_user_error(train(binary_ds, tmp_path / "logs"), "val", "-val DIR", "split_dataset.py")
+
+
+def test_unknown_preset_or_loss_lists_choices(tmp_path, binary_ds):
+    for flag, value in (("-a", "extreme"), ("--loss", "hinge")):
+        r = train(binary_ds, tmp_path / "logs", flag, value)
+        assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr

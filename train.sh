@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Train a model: sets up .venv on first use, then runs train.py. With no settings it trains on the bundled sample
+# (data/sample: RGB + NIR water tiles, 30 epochs) in a couple of minutes on a CPU.
+# Every setting is an environment variable (unset: train.py's default); further arguments go to train.py as they are:
+#   DATASET=my_data ADD_DIRS="nir" CLASS_LIST="1 2 5" EPOCHS=100 bash train.sh --patience 10
+set -euo pipefail
+cd "$(dirname "$0")"
+source setup.sh requirements.txt
+
+DATASET=${DATASET:-data/sample}
+if [ "$DATASET" = data/sample ]; then ADD_DIRS=${ADD_DIRS-nir}; EPOCHS=${EPOCHS:-30}; fi
+args=(-d "$DATASET")
+add() { [ -n "${2:-}" ] && args+=("$1" "$2"); return 0; }
+add -m "${MODEL:-}"
+add --encoder "${ENCODER:-}"
+add -e "${EPOCHS:-}"
+add -b "${BATCH:-}"
+add --image-size "${IMAGE_SIZE:-}"
+add --add-dirs "${ADD_DIRS:-}"
+add --class-list "${CLASS_LIST:-}"
+add -a "${AUG:-}"
+add -log "${LOG_DIR:-}"
+add --exp-name "${EXP_NAME:-}"   # unset: a new experiment each run; an existing name resumes
+exec "$PY" train.py "${args[@]}" "$@"
