@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import time
+from collections import Counter
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -264,8 +265,8 @@ def scan(splits: dict[str, list], labels: Labels, workers: int) -> dict:
     for name, split_infos in infos.items():
         problems += dataset_problems(split_infos, labels if name == "train" or labels.strict else None, name)
     train_ok = [i for i in infos["train"] if not i.error]
-    if train_ok:
-        layout = (train_ok[0].channels, train_ok[0].dtype)
+    layout = Counter((i.channels, i.dtype) for i in train_ok).most_common(1)[0][0] if train_ok else None
+    if layout:
         for name, split_infos in infos.items():
             odd = [i.image for i in split_infos if not i.error and (i.channels, i.dtype) != layout]
             if name != "train" and odd:
@@ -277,7 +278,7 @@ def scan(splits: dict[str, list], labels: Labels, workers: int) -> dict:
     note = unlisted_note(infos["train"], labels)
     if note:
         print(note)
-    return {"channels": train_ok[0].channels, "dtype": train_ok[0].dtype,
+    return {"channels": layout[0], "dtype": layout[1],
             "stats": asdict(channel_stats(infos["train"], labels)),
             "sizes": {name: [(i.height, i.width) for i in split_infos] for name, split_infos in infos.items()},
             "seconds": round(time.monotonic() - t0, 2)}

@@ -86,8 +86,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     ds = make_dataset(tmp_path / "ds", n_train=16, n_val=4)
     log = tmp_path / "logs"
     args = [sys.executable, str(ROOT / "train.py"), "-d", str(ds), "-log", str(log), *FAST, "-e", "3", "-b", "4"]
-    subprocess.run(args + ["--exp-name", "ref"], check=True, capture_output=True, cwd=ROOT)
-    p = subprocess.Popen(args + ["--exp-name", "killed"], cwd=ROOT, stdout=subprocess.DEVNULL,
+    subprocess.run([*args, "--exp-name", "ref"], check=True, capture_output=True, cwd=ROOT)
+    p = subprocess.Popen([*args, "--exp-name", "killed"], cwd=ROOT, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
     csv_path = log / "killed" / "metrics.csv"
     deadline = time.monotonic() + 300
@@ -96,7 +96,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     time.sleep(0.3)  # into epoch 2
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    r = subprocess.run(args + ["--exp-name", "killed"], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([*args, "--exp-name", "killed"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     ref, resumed = rows(log / "ref"), rows(log / "killed")
     assert [h["epoch"] for h in resumed] == ["1", "2", "3"]
