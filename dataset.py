@@ -265,12 +265,17 @@ class _ScanSet(torch.utils.data.Dataset):
         return inspect_sample(self.samples[i], self.with_stats)
 
 
+def as_is(item):
+    """A DataLoader collate_fn that passes samples through untouched (module-level: workers may be spawned)."""
+    return item
+
+
 def scan_samples(samples: list[Sample], with_stats: bool, workers: int, desc: str = "checking") -> list[SampleInfo]:
     """Read every sample once (in parallel) and return what was learnt; never raises for bad files."""
     from tqdm import tqdm
 
     loader = torch.utils.data.DataLoader(_ScanSet(samples, with_stats), batch_size=None, num_workers=workers,
-                                         collate_fn=lambda x: x)
+                                         collate_fn=as_is)
     return list(tqdm(loader, total=len(samples), desc=desc, leave=False, dynamic_ncols=True,
                      disable=len(samples) < 200))
 

@@ -68,14 +68,22 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, tile_size: int, overlap: float = 0.5, tta: str = "none",
-            batch_size: int = 8, autocast=contextlib.nullcontext, min_size: int = 32) -> torch.Tensor:
+            batch_size: int = 8, autocast=contextlib.nullcontext, min_size: int = 32,
+            resize_to: int | None = None) -> torch.Tensor:
     """(N, C, H, W) normalised images -> (N, K, H, W) float32 logits, on the images' device.
 
     Images that fit in tile_size x tile_size are run whole (padded to a multiple of 32 and to at least min_size,
     the batch at once); larger ones slide a tile_size window with the given overlap, tiles batched by batch_size.
+    resize_to: for models trained with --resize, images are stretched to that square and the logits back.
     """
     h, w = images.shape[-2:]
     device = next(model.parameters()).device
+    if resize_to:
+        x = F.interpolate(images.to(device, non_blocking=True).float(), (resize_to, resize_to), mode="bilinear",
+                          align_corners=False)
+        with autocast():
+            logits = forward_tta(model, x, tta)
+        return F.interpolate(logits, (h, w), mode="bilinear", align_corners=False).to(images.device)
     if h <= tile_size and w <= tile_size:
         x = _pad(images.to(device, non_blocking=True), max(min_size, math.ceil(h / 32) * 32),
                  max(min_size, math.ceil(w / 32) * 32))

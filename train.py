@@ -254,6 +254,13 @@ def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def loader_options(workers: int, device: torch.device) -> dict:
+    """DataLoader settings of the training and validation loaders: worker processes that stay alive between
+    epochs and read ahead, one thread each, pinned memory for asynchronous copies to a GPU."""
+    return {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
+            "worker_init_fn": worker_init, "prefetch_factor": 4 if workers > 0 else None}
+
+
 # ---------------------------------------------------------------------------------------------------- data
 def scan(splits: dict[str, list], labels: Labels, workers: int) -> dict:
     """Check every file of every split once and measure the training set (exact channel stats, sizes)."""
@@ -337,6 +344,7 @@ def main(args: argparse.Namespace) -> int:
                 "encoder": args.encoder, "in_channels": data["channels"], "out_channels": labels.out_channels,
                 "labels": labels.to_meta(), "class_names": labels.names, "add_dirs": add_dirs,
                 "stats": asdict(stats), "dtype": data["dtype"], "image_size": image_size, "resize": args.resize,
+                "val_tile_size": args.val_tile_size,
                 "threshold": 0.5, "weights": weights_desc, "train_args": vars(args),
                 "versions": {"segkit": SEGKIT_VERSION, "torch": str(torch.__version__),
                              "segmentation_models_pytorch": str(smp.__version__)},
@@ -358,8 +366,7 @@ def main(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     rgb8 = data["channels"] == 3 and data["dtype"] == "uint8"
-    loader_kw = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
-                     "worker_init_fn": worker_init, "prefetch_factor": 4 if workers > 0 else None}
+    loader_kw = loader_options(workers, device)
     train_ds = SegmentationDataset(splits["train"], labels, stats,
                                    train_transform(args.aug, image_size, rgb8, args.resize))
     train_loader = DataLoader(train_ds, batch_sampler=EpochBatchSampler(len(train_ds), args.batch_size, args.seed),
@@ -375,7 +382,8 @@ def main(args: argparse.Namespace) -> int:
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     trainer = Trainer(model, criterion, optimizer, scheduler, scaler, train_loader, eval_sets, device, amp, exp_dir,
                       meta, labels.names, args.epochs, args.seed, args.patience, args.adv_freq, args.val_tile_size,
-                      args.batch_size, args.log_worst, channels_last, min_input_size(meta["arch"]))
+                      args.batch_size, args.log_worst, channels_last, min_input_size(meta["arch"]),
+                      image_size if meta["resize"] else None)
     if ckpt is not None:
         trainer.load(ckpt)
         if ckpt["early_stopped"]:  # more epochs asked for after an early stop: patience starts afresh

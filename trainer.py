@@ -101,7 +101,8 @@ class Trainer:
                  eval_sets: list[EvalSet], device: torch.device, amp_dtype: torch.dtype | None, exp_dir: Path,
                  meta: dict, class_names: list[str], epochs: int, seed: int,
                  patience: int = 0, adv_freq: int = 1, val_tile_size: int = 1024,
-                 val_batch_size: int = 8, log_worst: int = 4, channels_last: bool = False, min_input: int = 32):
+                 val_batch_size: int = 8, log_worst: int = 4, channels_last: bool = False, min_input: int = 32,
+                 resize_to: int | None = None):
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.scheduler, self.scaler, self.train_loader = scheduler, scaler, train_loader
         self.eval_sets, self.device, self.amp_dtype = eval_sets, device, amp_dtype
@@ -111,7 +112,7 @@ class Trainer:
         self.adv_freq = adv_freq
         self.log_worst = log_worst
         self.infer = {"tile_size": val_tile_size, "batch_size": val_batch_size, "min_size": min_input,
-                      "autocast": self.autocast}
+                      "autocast": self.autocast, "resize_to": resize_to}
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.num_classes = len(class_names)
         self.state = TrainState()

@@ -24,10 +24,10 @@ def to_rgb8(image: np.ndarray) -> np.ndarray:
 
 
 def class_colors(num_classes: int) -> np.ndarray:
-    """Background black, binary foreground white, further classes in distinct hues."""
+    """Background black, binary foreground yellow (visible on dark and bright imagery), more classes in hues."""
     colors = np.zeros((256, 3), np.uint8)
     if num_classes == 2:
-        colors[1] = 255
+        colors[1] = (255, 220, 0)
     else:
         for c in range(1, num_classes):
             hue = int(180 * (c - 1) / max(num_classes - 1, 1))
@@ -62,13 +62,15 @@ def error_map(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
 def panel(tiles: list[np.ndarray], titles: list[str] | None = None, gap: int = 4) -> np.ndarray:
     """Pictures side by side (same height), with optional captions above each."""
     h = max(t.shape[0] for t in tiles)
-    bar = 18 if titles else 0
+    scale = max(0.4, min(t.shape[1] for t in tiles) / 700)  # captions readable on large pictures too
+    bar = int(18 * scale / 0.4) if titles else 0
     cols = []
     for i, t in enumerate(tiles):
         canvas = np.full((h + bar, t.shape[1], 3), 255, np.uint8)
         canvas[bar:bar + t.shape[0]] = t
         if titles:
-            cv2.putText(canvas, titles[i], (2, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+            cv2.putText(canvas, titles[i], (2, int(bar * 0.72)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0),
+                        max(1, int(scale * 2)), cv2.LINE_AA)
         cols.append(canvas)
         cols.append(np.full((h + bar, gap, 3), 255, np.uint8))
     return np.concatenate(cols[:-1], axis=1)
