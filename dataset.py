@@ -47,8 +47,9 @@ def _files_by_stem(folder: Path) -> dict[str, Path]:
     return {stem: ps[0] for stem, ps in by_stem.items()}
 
 
-def find_samples(split_dir: Path, add_dirs: list[str], masks: str = "required") -> list[Sample]:
-    """Pair <split_dir>/images with gt/ and the extra band folders by file stem.
+def pair_files(split_dir: Path, add_dirs: list[str], masks: str = "required") -> tuple[list[Sample], list[str]]:
+    """Pair <split_dir>/images with gt/ and the extra band folders by file stem: the complete samples, and one line
+    per file without its partner. Missing folders raise.
 
     masks: "required" (training), "optional" (use gt/ when it exists), "none".
     """
@@ -68,8 +69,8 @@ def find_samples(split_dir: Path, add_dirs: list[str], masks: str = "required") 
     folders = {"gt": gt_dir} if use_masks else {}
     for d in add_dirs:
         if not (split_dir / d).is_dir():
-            raise UserError(f"{split_dir / d} not found: --add-dirs names the extra band folder '{d}', which must "
-                            f"sit next to images/ in every split")
+            raise UserError(f"{split_dir / d} not found: the extra band folder '{d}' (--add-dirs) must sit next to "
+                            "images/ in every split")
         folders[d] = split_dir / d
     found = {name: _files_by_stem(folder) for name, folder in folders.items()}
     problems = []
@@ -78,12 +79,38 @@ def find_samples(split_dir: Path, add_dirs: list[str], masks: str = "required") 
             problems.append(f"{images[stem]} has no partner in {name}/ (expected {folders[name] / stem}.<ext>)")
         for stem in sorted(set(files) - set(images)):
             problems.append(f"{files[stem]} has no image in images/ (expected {img_dir / stem}.<ext>)")
+    complete = [stem for stem in sorted(images) if all(stem in files for files in found.values())]
+    return [Sample(stem, images[stem], found["gt"][stem] if use_masks else None, [found[d][stem] for d in add_dirs])
+            for stem in complete], problems
+
+
+def find_samples(split_dir: Path, add_dirs: list[str], masks: str = "required") -> list[Sample]:
+    """The paired samples of a split folder; any file without its partner is an error listing them all."""
+    samples, problems = pair_files(split_dir, add_dirs, masks)
     if problems:
         raise UserError(f"{len(problems)} unpaired file(s) in {split_dir}; add the missing partner or remove the "
                         "file:\n  " + "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more"
                                                                      if len(problems) > 20 else ""))
-    return [Sample(stem, images[stem], found["gt"][stem] if use_masks else None,
-                   [found[d][stem] for d in add_dirs]) for stem in sorted(images)]
+    return samples
+
+
+def split_folders(root: Path) -> list[Path]:
+    """The split folders of a dataset root (train/, val/, test/), or the folder itself if it holds images/."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: folder not found")
+    if (root / "images").is_dir():
+        return [root]
+    splits = [root / s for s in ("train", "val", "test") if (root / s / "images").is_dir()]
+    if not splits:
+        raise UserError(f"{root} holds neither images/ nor train/images, val/images: not a dataset folder")
+    return splits
+
+
+def band_folders(split_dir: Path) -> list[str]:
+    """Folders beside images/ and gt/ that hold images: the extra bands."""
+    return sorted(p.name for p in Path(split_dir).iterdir()
+                  if p.is_dir() and p.name not in ("images", "gt") and any(is_image_file(f) for f in p.iterdir()))
 
 
 # ---------------------------------------------------------------------------------------------------- labels
@@ -301,23 +328,22 @@ def dataset_problems(infos: list[SampleInfo], labels: Labels | None, split: str)
 
 
 def label_problems(infos: list[SampleInfo], labels: Labels, split: str) -> list[str]:
-    files_with: dict[int, list[str]] = defaultdict(list)
-    for i in infos:
-        for v in i.mask_values:
-            files_with[v].append(i.mask)
-    found = sorted(files_with)
-    unlisted = [v for v in found if v not in labels.known()]
+    """Mask values the labels do not cover (strict labels), and a training set without any class pixel."""
+    known = labels.known()
+    found = sorted({v for i in infos for v in i.mask_values})
+    odd = {i.mask: sorted(v for v in i.mask_values if v not in known) for i in infos}
+    odd = {mask: values for mask, values in odd.items() if values}  # file -> its unlisted values
+    unlisted = sorted({v for values in odd.values() for v in values})
     problems = []
     if unlisted and labels.strict:
         suggestion = " ".join(str(v) for v in found if v != 0 and v != labels.ignore)
         hint = (" (many in-between values: JPEG or anti-aliased masks? save masks as PNG with exact values)"
                 if len(unlisted) > 10 else "")
-        where = "; ".join(f"{v} in {_more(files_with[v], 3)}" for v in unlisted[:MAX_LISTED])
-        problems.append(f"{split} masks hold label values {_more(unlisted)} not covered by {labels.flag}{hint}: "
-                        f"{where}. If they are classes, pass "
-                        f"--class-list \"{suggestion}\"; to leave them out of training pass --ignore-label "
-                        "VALUE; or fix those masks")
-    if split == "train" and infos and not any(v in files_with for v in labels.values):
+        where = _more([f"{mask} ({_more(values, 4)})" for mask, values in odd.items()], 4)
+        problems.append(f"{split} masks hold label values {_more(unlisted)} not covered by {labels.flag}{hint}, in "
+                        f"{len(odd)} file(s): {where}. If they are classes, pass --class-list \"{suggestion}\"; "
+                        "to leave them out of training pass --ignore-label VALUE; or fix those masks")
+    if split == "train" and infos and not any(v in found for v in labels.values):
         problems.append(f"no training mask holds any of the class values {' '.join(map(str, labels.values))} "
                         f"(values found: {_more(found)}); pass the right --class-list, e.g. --class-list \""
                         f"{' '.join(str(v) for v in found if v != 0) or '255'}\"")

@@ -42,7 +42,7 @@ def _read_tiff(path: Path) -> np.ndarray:
     return np.ascontiguousarray(data)
 
 
-def _is_palette_png(path: Path) -> bool:
+def is_palette_png(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(26)
     return head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 26 and head[25] == 3
@@ -56,7 +56,7 @@ def read_image(path: Path, palette_indices: bool = False) -> np.ndarray:
             raise UserError(f"{path}: the file is empty (0 bytes); re-export it or remove this sample")
         if path.suffix.lower() in TIFF_EXTENSIONS:
             return _read_tiff(path)
-        if palette_indices and _is_palette_png(path):
+        if palette_indices and is_palette_png(path):
             from PIL import Image  # Pillow comes with matplotlib; OpenCV cannot return palette indices
 
             with Image.open(path) as im:
@@ -108,14 +108,16 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_image(path: Path, image: np.ndarray, compression: str | None = "zlib") -> None:
-    """Write an (H, W) or (H, W, C) array atomically; TIFF keeps any dtype and band count (Deflate by default)."""
+def write_image(path: Path, image: np.ndarray, compression: str | None = "zlib", extratags: list | None = None
+                ) -> None:
+    """Write an (H, W) or (H, W, C) array atomically; TIFF keeps any dtype and band count (Deflate by default)
+    and takes extra tags (e.g. GeoTIFF georeferencing) as tifffile's (code, dtype, count, value, writeonce)."""
     path = Path(path)
     with atomic_output(path) as tmp:
         if path.suffix.lower() in TIFF_EXTENSIONS:
             rgb = image.ndim == 3 and image.shape[2] == 3
             tifffile.imwrite(tmp, image, photometric="rgb" if rgb else "minisblack", planarconfig="contig",
-                             compression=compression)
+                             compression=compression, extratags=extratags or ())
         else:
             if image.ndim == 3 and image.shape[2] == 3:
                 image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)

@@ -1,0 +1,140 @@
+"""Large rasters for the dataset tools: windows read without loading the whole image, GeoTIFF georeferencing kept.
+
+A TIFF is read segment by segment (its strips or tiles, decoded on demand and cached for the current row of
+windows), or memory-mapped when uncompressed; other formats are read whole.
+"""
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from errors import UserError
+from fileio import TIFF_EXTENSIONS, read_image
+
+# GeoTIFF and GDAL tags carried from a source raster to its tiles and back to the stitched raster.
+GEO_TAGS = {33550: "ModelPixelScale", 33922: "ModelTiepoint", 34264: "ModelTransformation",
+            34735: "GeoKeyDirectory", 34736: "GeoDoubleParams", 34737: "GeoAsciiParams", 42112: "GDAL_METADATA",
+            42113: "GDAL_NODATA"}
+
+
+class RasterReader:
+    """(H, W) or (H, W, C) windows of an image file, with its size, band count, dtype and GeoTIFF tags.
+
+    cache_mb bounds the decoded TIFF segments kept for reuse (a row of windows shares its strips or tiles).
+    """
+
+    def __init__(self, path: Path, cache_mb: float = 256):
+        self.path = Path(path)
+        self.cache_bytes = cache_mb * 2 ** 20
+        self.geo: dict = {}
+        self._tif = self._array = None
+        if self.path.suffix.lower() in TIFF_EXTENSIONS and self.path.exists() and self.path.stat().st_size:
+            try:
+                self._open_tiff()
+            except (tifffile.TiffFileError, ValueError, IndexError):
+                self._tif = None  # read_image gives the clear message
+        if self._tif is None and self._array is None:
+            self._array = read_image(self.path)
+        if self._array is not None:
+            self.height, self.width = self._array.shape[:2]
+            self.bands = 1 if self._array.ndim == 2 else self._array.shape[2]
+            self.dtype = self._array.dtype
+
+    def _open_tiff(self) -> None:
+        tif = tifffile.TiffFile(self.path)
+        page = tif.pages[0]
+        self.geo = {code: {"dtype": int(page.tags[code].dtype), "count": page.tags[code].count,
+                           "value": _plain(page.tags[code].value)} for code in GEO_TAGS if code in page.tags}
+        separate, depth, height, width, contig = page.shaped
+        if len(tif.series) != 1 or len(tif.series[0].pages) != 1 or depth != 1:
+            tif.close()
+            return  # stacks and pyramids: read_image handles or explains them
+        self.height, self.width, self.bands, self.dtype = height, width, separate * contig, page.dtype
+        if page.is_memmappable:
+            data = tif.asarray(out="memmap")
+            self._array = np.moveaxis(data, 0, -1) if separate > 1 else data
+            tif.close()
+            return
+        self._tif, self._page = tif, page
+        self._segments = [page.decode(None, i)[1:] for i in range(len(page.dataoffsets))]  # positions only
+        self._cache: OrderedDict = OrderedDict()
+        self._cached = 0
+
+    def _segment(self, index: int) -> np.ndarray:
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        fh, size = self._tif.filehandle, self._page.databytecounts[index]
+        fh.seek(self._page.dataoffsets[index])
+        seg = self._page.decode(fh.read(size) if size else None, index, jpegtables=self._page.jpegtables)[0]
+        if seg is None:  # a sparse TIFF leaves empty segments out: they hold the nodata value
+            seg = np.full(self._segments[index][1], self._page.nodata, self.dtype)
+        self._cache[index] = seg
+        self._cached += seg.nbytes
+        while self._cached > self.cache_bytes and len(self._cache) > 1:
+            self._cached -= self._cache.popitem(last=False)[1].nbytes
+        return seg
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """The window rows y..y+h, columns x..x+w (inside the raster)."""
+        if self._array is not None:
+            return np.ascontiguousarray(self._array[y:y + h, x:x + w])
+        separate, contig = self._page.shaped[0], self._page.shaped[4]
+        out = np.empty((separate, h, w, contig), self.dtype)
+        for index, (pos, shape) in enumerate(self._segments):
+            sy, sx, sh, sw = pos[2], pos[3], shape[1], shape[2]
+            y0, y1, x0, x1 = max(y, sy), min(y + h, sy + sh), max(x, sx), min(x + w, sx + sw)
+            if y0 < y1 and x0 < x1:
+                seg = self._segment(index)
+                out[pos[0], y0 - y:y1 - y, x0 - x:x1 - x] = seg[0, y0 - sy:y1 - sy, x0 - sx:x1 - sx]
+        out = np.moveaxis(out[..., 0], 0, -1) if separate > 1 else out[0]
+        return out[..., 0] if out.shape[-1] == 1 else out
+
+    def close(self) -> None:
+        if self._tif is not None:
+            self._tif.close()
+
+
+def _plain(value):
+    """Tag values as JSON-friendly types."""
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    if isinstance(value, (tuple, list, np.ndarray)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def shifted_geo(geo: dict, y: int, x: int) -> dict:
+    """The georeferencing of a window starting at pixel (y, x): the tie point or transform moved by the offset."""
+    out = {code: dict(tag) for code, tag in geo.items()}
+    if 34264 in geo:  # 4x4 affine: X = a*col + b*row + d, Y = e*col + f*row + h
+        m = list(geo[34264]["value"])
+        m[3] += m[0] * x + m[1] * y
+        m[7] += m[4] * x + m[5] * y
+        out[34264]["value"] = m
+    elif 33922 in geo and 33550 in geo:
+        sx, sy = geo[33550]["value"][:2]
+        tie = list(geo[33922]["value"])  # raster (I, J) -> model (X, Y); north-up: Y falls as rows grow
+        tie[3] += x * sx
+        tie[4] -= y * sy
+        out[33922]["value"] = tie
+    return out
+
+
+def extratags(geo: dict) -> list:
+    """tifffile's extratags for a georeferencing dict (JSON keys come back as strings)."""
+    tags = []
+    for code, tag in sorted((int(c), t) for c, t in geo.items()):
+        value = tag["value"]
+        tags.append((code, tag["dtype"], len(value) if isinstance(value, list) else tag["count"],
+                     tuple(value) if isinstance(value, list) else value, True))
+    return tags
+
+
+def check_size(reader: RasterReader, image: RasterReader, what: str) -> None:
+    if (reader.height, reader.width) != (image.height, image.width):
+        raise UserError(f"{reader.path}: {what} is {reader.width}x{reader.height} but the image {image.path} is "
+                        f"{image.width}x{image.height}; every raster of a scene must have the image's size")

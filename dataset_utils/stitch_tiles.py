@@ -1,0 +1,136 @@
+"""Stitch tiles back into the rasters they were cut from (the inverse of split_big_image_to_tiles.py).
+
+  python dataset_utils/stitch_tiles.py tiles/images -o scene.tif
+  python dataset_utils/stitch_tiles.py predictions/masks -o stitched/ --manifest tiles/manifest.json
+
+Tiles are grouped by scene from their names (<scene>_r<row>_c<col>); each scene gets its original size from the
+manifest (found next to the tiles or given with --manifest), else from the tiles' extent. Where tiles overlap,
+values are averaged (images, probabilities) or taken from the tile whose centre is nearest (label masks: integer,
+one band), so tiles cut from a raster rebuild it bit for bit. GeoTIFF georeferencing from the manifest is restored.
+"""
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+from tqdm import tqdm
+
+from dataset_utils.raster import extratags
+from errors import UserError, run_cli
+from fileio import IMAGE_EXTENSIONS, TIFF_EXTENSIONS, is_image_file, read_image, write_image
+
+NAME = re.compile(r"^(?P<scene>.+)_r(?P<y>\d+)_c(?P<x>\d+)$")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("tiles", help="folder of tiles named <scene>_r<row>_c<col>.<ext>")
+    p.add_argument("-o", "--output", required=True,
+                   help="output raster (one scene) or folder (one raster per scene, named after it)")
+    p.add_argument("--manifest", help="manifest.json of the tiling (default: next to the tiles or one folder up)")
+    p.add_argument("--blend", choices=["auto", "mean", "center"], default="auto",
+                   help="overlaps: mean of the tiles, or the tile whose centre is nearest; auto: center for label "
+                        "masks (integer, one band), mean otherwise")
+    return p
+
+
+def find_manifest(tiles: Path, given: str | None) -> dict:
+    if given:
+        path = Path(given)
+        if not path.is_file():
+            raise UserError(f"--manifest {path}: file not found")
+    else:
+        path = next((p for p in (tiles / "manifest.json", tiles.parent / "manifest.json") if p.is_file()), None)
+    return json.loads(path.read_text(encoding="utf-8"))["sources"] if path else {}
+
+
+def stitch_scene(tiles: list[tuple[int, int, Path]], height: int | None, width: int | None, blend: str
+                 ) -> np.ndarray:
+    first = read_image(tiles[0][2])
+    if height is None:  # no manifest: the extent of the tiles
+        height = max(y + first.shape[0] for y, _, _ in tiles)
+        width = max(x + first.shape[1] for _, x, _ in tiles)
+    labels = first.ndim == 2 and first.dtype.kind in "ui"
+    mode = ("center" if labels else "mean") if blend == "auto" else blend
+    out = np.zeros((height, width, *first.shape[2:]), first.dtype)
+    if mode == "mean":
+        total = np.zeros(out.shape, np.float64)
+        count = np.zeros((height, width), np.uint16)
+    else:
+        best = np.full((height, width), -1.0, np.float32)  # distance-to-centre score of the tile pasted so far
+    for y, x, path in tqdm(tiles, desc="stitching", unit="tile", leave=False, dynamic_ncols=True):
+        tile = read_image(path)
+        if tile.shape[2:] != first.shape[2:] or tile.dtype != first.dtype:
+            raise UserError(f"{path}: {tile.dtype} with shape {tile.shape} differs from the scene's first tile "
+                            f"{tiles[0][2]} ({first.dtype}, {first.shape}); tiles of a scene must match")
+        h, w = min(tile.shape[0], height - y), min(tile.shape[1], width - x)
+        if h <= 0 or w <= 0:
+            raise UserError(f"{path}: tile at row {y}, column {x} lies outside the {width}x{height} raster")
+        tile = tile[:h, :w]
+        if mode == "mean":
+            total[y:y + h, x:x + w] += tile
+            count[y:y + h, x:x + w] += 1
+        else:
+            ry = 1 - np.abs(np.arange(h) - (tile.shape[0] - 1) / 2) / tile.shape[0]
+            rx = 1 - np.abs(np.arange(w) - (tile.shape[1] - 1) / 2) / tile.shape[1]
+            score = (ry[:, None] * rx[None, :]).astype(np.float32)  # higher nearer the tile's centre
+            win = score > best[y:y + h, x:x + w]
+            out[y:y + h, x:x + w][win] = tile[win]
+            best[y:y + h, x:x + w][win] = score[win]
+    covered = count > 0 if mode == "mean" else best >= 0
+    if not covered.all():
+        print(f"note: {int((~covered).sum())} pixels are covered by no tile (skipped tiles?) and are 0")
+    if mode == "mean":
+        mean = total / np.maximum(count, 1).reshape(count.shape + (1,) * (total.ndim - 2))
+        out = (np.rint(mean) if out.dtype.kind in "ui" else mean).astype(out.dtype)
+    return out
+
+
+def stitch(args: argparse.Namespace) -> list[Path]:
+    folder = Path(args.tiles)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: tile folder not found")
+    scenes: dict[str, list] = defaultdict(list)
+    for p in sorted(folder.iterdir()):
+        m = NAME.match(p.stem)
+        if is_image_file(p) and m:
+            scenes[m["scene"]].append((int(m["y"]), int(m["x"]), p))
+    if not scenes:
+        raise UserError(f"{folder} holds no tiles named <scene>_r<row>_c<col>.<ext> (as split_big_image_to_tiles.py "
+                        "writes them)")
+    manifest = find_manifest(folder, args.manifest)
+    out = Path(args.output)
+    single = out.suffix.lower() in IMAGE_EXTENSIONS
+    if single and len(scenes) > 1:
+        raise UserError(f"{folder} holds tiles of {len(scenes)} scenes ({', '.join(list(scenes)[:4])}); give a "
+                        "folder as -o to get one raster per scene")
+    written = []
+    for scene, tiles in scenes.items():
+        info = manifest.get(scene, {})
+        target = out if single else out / f"{scene}{tiles[0][2].suffix}"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"-o {out}: cannot write there ({e.strerror})") from None
+        raster = stitch_scene(tiles, info.get("height"), info.get("width"), args.blend)
+        geo = info.get("geo")
+        write_image(target, raster, extratags=extratags(geo) if geo and target.suffix.lower() in TIFF_EXTENSIONS
+                    else None)
+        written.append(target)
+        print(f"{scene}: {len(tiles)} tiles -> {target} ({raster.shape[1]}x{raster.shape[0]}, {raster.dtype}"
+              + ("" if info else ", size from the tiles: no manifest") + ")")
+    return written
+
+
+def main() -> int:
+    stitch(get_args_parser().parse_args())
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
