@@ -69,13 +69,14 @@ def hard(rgb8: bool) -> list:
 PRESETS = {"none": none, "safe": safe, "light": light, "medium": medium, "hard": hard}
 
 
-def train_transform(preset: str, image_size: int, rgb8: bool, resize: bool) -> A.Compose:
-    """Bring every training sample to image_size x image_size (random crop, padding, or --resize), then the preset."""
+def train_transform(preset: str, image_size: int, rgb8: bool, resize: bool, pad: bool = True) -> A.Compose:
+    """Bring every training sample to image_size x image_size (random crop, padding, or --resize), then the preset.
+    pad=False leaves the padding step out when no image is smaller than the crop (it would copy every sample)."""
     if resize:
         size = [A.Resize(image_size, image_size)]
     else:
-        size = [A.PadIfNeeded(image_size, image_size, position="random", **FILL),
-                A.RandomCrop(image_size, image_size)]
+        size = [A.PadIfNeeded(image_size, image_size, position="random", **FILL)] if pad else []
+        size.append(A.RandomCrop(image_size, image_size))
     return A.Compose(size + PRESETS[preset](rgb8))
 
 

@@ -398,6 +398,67 @@ def fingerprint(samples: list[Sample]) -> str:
     return h.hexdigest()
 
 
+# --------------------------------------------------------------------------------------------------- RAM cache
+def available_memory() -> int | None:
+    """Bytes of memory available for new data (Linux), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+class _Fill(torch.utils.data.Dataset):
+    """Decodes sample i straight into its slice of the shared buffer (in a loader worker)."""
+
+    def __init__(self, cache: "RamCache", samples: list[Sample], lut: np.ndarray):
+        self.cache, self.samples, self.lut = cache, samples, lut
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> int:
+        image, mask = read_sample(self.samples[i], self.lut)
+        view_image, view_mask = self.cache.views(i, writable=True)
+        view_image[...] = image.reshape(view_image.shape)
+        view_mask[...] = mask
+        return i
+
+
+class RamCache:
+    """Every sample decoded once into one shared-memory buffer (--cache ram): loader workers read views of it,
+    whatever the start method, so the dataset sits in memory once, not once per worker."""
+
+    def __init__(self, samples: list[Sample], lut: np.ndarray, sizes: list[tuple[int, int]], channels: int,
+                 dtype: str, workers: int):
+        itemsize = np.dtype(dtype).itemsize
+        self.dtype, self.entries, offset = np.dtype(dtype), [], 0
+        for h, w in sizes:  # (image offset, mask offset, h, w), each block 8-byte aligned
+            image_bytes = -(-h * w * channels * itemsize // 8) * 8
+            self.entries.append((offset, offset + image_bytes, h, w))
+            offset += image_bytes + -(-h * w // 8) * 8
+        self.channels = channels
+        free = available_memory()
+        if free is not None and offset > 0.8 * free:
+            raise UserError(f"--cache ram needs {offset / 2 ** 30:.1f} GB but {free / 2 ** 30:.1f} GB of memory are "
+                            "available; train without --cache")
+        self.buffer = torch.empty(offset, dtype=torch.uint8).share_memory_()
+        loader = torch.utils.data.DataLoader(_Fill(self, samples, lut), batch_size=None, num_workers=workers)
+        for _ in loader:
+            pass
+        self.nbytes = offset
+
+    def views(self, index: int, writable: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        start, mask_start, h, w = self.entries[index]
+        raw = self.buffer.numpy()
+        image = raw[start:start + h * w * self.channels * self.dtype.itemsize].view(self.dtype)
+        image = image.reshape(h, w, self.channels)
+        mask = raw[mask_start:mask_start + h * w].reshape(h, w)
+        if not writable:
+            image.flags.writeable = mask.flags.writeable = False
+        return image, mask
+
+
 # ----------------------------------------------------------------------------------------------- torch Dataset
 class SegmentationDataset(torch.utils.data.Dataset):
     """Samples as (image CHW float32 normalised to zero mean / unit std per channel, mask HW uint8 classes, index).
@@ -408,10 +469,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
     reproducible whatever the number of workers, and a resumed run identical to an uninterrupted one.
     """
 
-    def __init__(self, samples: list[Sample], labels: Labels, stats: ChannelStats, transform=None):
+    def __init__(self, samples: list[Sample], labels: Labels, stats: ChannelStats, transform=None,
+                 cache: RamCache | None = None):
         self.samples = samples
         self.lut = labels.lut()
-        self.transform = transform
+        self.transform, self.cache = transform, cache
         mean, std = np.asarray(stats.mean, np.float32), np.asarray(stats.std, np.float32)
         lo, hi = np.asarray(stats.min, np.float32), np.asarray(stats.max, np.float32)
         self.lo, self.inv_range = lo, 1.0 / np.where(hi > lo, hi - lo, 1.0)
@@ -424,6 +486,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The raw (H, W, C) image and (H, W) class-index mask (zeros when the sample has no mask)."""
+        if self.cache is not None:
+            return self.cache.views(index)
         image, mask = read_sample(self.samples[index], self.lut)
         return image, (mask if mask is not None else np.zeros(image.shape[:2], np.uint8))
 

@@ -55,6 +55,17 @@ def default_workers(device: torch.device) -> int:
     return max(2, min(16, n - 1))
 
 
+def configure(device: torch.device, deterministic: bool = False) -> None:
+    """Fast kernels by default (cuDNN autotuning, TF32 matmuls); --deterministic trades them for repeatability."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        torch.set_float32_matmul_precision("high")
+
+
 def worker_init(_: int) -> None:
     """Inside a loader worker: one thread each, so workers do not fight over cores."""
     import cv2

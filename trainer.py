@@ -10,6 +10,7 @@ resumed run sees the same batches and augmentations as an uninterrupted one.
 import contextlib
 import csv
 import io
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -30,28 +31,31 @@ from model import save_checkpoint, unwrap
 
 # -------------------------------------------------------------------------------------------------- samplers
 class EpochBatchSampler(Sampler):
-    """Shuffled batches of (index, augmentation seed), both drawn from (seed, epoch) alone.
+    """Shuffled batches of (index, augmentation seed), epoch after epoch from first_epoch on, endlessly.
 
-    A leftover batch of one sample is dropped (a different sample each epoch): batch norm cannot train on it.
+    Everything is drawn from (seed, epoch) alone, so any epoch can be reproduced on its own. One stream across
+    epochs lets the loader's workers prepare the next epoch's first batches while the current one finishes; the
+    trainer takes len() batches per epoch. A leftover batch of one sample is dropped (a different sample each
+    epoch): batch norm cannot train on it.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int):
-        self.size, self.batch_size, self.seed, self.epoch = size, batch_size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, size: int, batch_size: int, seed: int, first_epoch: int = 1):
+        self.size, self.batch_size, self.seed, self.first_epoch = size, batch_size, seed, first_epoch
 
     def __len__(self) -> int:
         full, rest = divmod(self.size, self.batch_size)
         return full + (rest > 1 or (rest == 1 and full == 0))
 
-    def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(self.size).tolist()
         seeds = rng.integers(0, 2 ** 31, self.size).tolist()
         keys = list(zip(order, seeds, strict=True))
-        for i in range(len(self)):
-            yield keys[i * self.batch_size:(i + 1) * self.batch_size]
+        return [keys[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self))]
+
+    def __iter__(self):
+        for epoch in itertools.count(self.first_epoch):
+            yield from self.epoch_batches(epoch)
 
 
 class SizeGroupedBatchSampler(Sampler):
@@ -104,6 +108,7 @@ class Trainer:
                  val_batch_size: int = 8, log_worst: int = 4, channels_last: bool = False, min_input: int = 32,
                  resize_to: int | None = None):
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self.eval_model = unwrap(model)  # not compiled: validation images vary in size, which would recompile
         self.scheduler, self.scaler, self.train_loader = scheduler, scaler, train_loader
         self.eval_sets, self.device, self.amp_dtype = eval_sets, device, amp_dtype
         self.exp_dir, self.meta, self.class_names, self.epochs = exp_dir, meta, class_names, epochs
@@ -153,9 +158,11 @@ class Trainer:
         s = self.state
         self.write_csv()
         self.writer = SummaryWriter(str(self.exp_dir), purge_step=s.epoch + 1)
+        self.train_loader.batch_sampler.first_epoch = s.epoch + 1
+        batches = iter(self.train_loader)  # one stream for all epochs: the workers never wait at an epoch's start
         try:
             for epoch in range(s.epoch + 1, self.epochs + 1):
-                self.run_epoch(epoch)
+                self.run_epoch(epoch, itertools.islice(batches, len(self.train_loader)))
                 if s.early_stopped:
                     print(f"early stop: no improvement for {self.patience} epochs (best {s.best_score:.4f} at "
                           f"epoch {s.best_epoch})")
@@ -164,10 +171,10 @@ class Trainer:
             self.writer.close()
         return s
 
-    def run_epoch(self, epoch: int) -> None:
+    def run_epoch(self, epoch: int, batches) -> None:
         s = self.state
         t0 = time.monotonic()
-        train_loss, lr = self.train_one_epoch(epoch)
+        train_loss, lr = self.train_one_epoch(epoch, batches)
         if not math.isfinite(train_loss):
             raise UserError(f"training diverged at epoch {epoch} (loss {train_loss}); the last good state is kept "
                             "in last.pth: lower -lr, or use --amp off, then run the same command again")
@@ -211,13 +218,14 @@ class Trainer:
         self.log_tensorboard(row, epoch, results.get("val"))
         self.print_summary(row, improved)
 
-    def train_one_epoch(self, epoch: int) -> tuple[float, float]:
+    def train_one_epoch(self, epoch: int, batches) -> tuple[float, float]:
+        """One pass of optimizer steps over `batches` of (images, masks, indices); (mean loss, last lr)."""
         self.model.train()
         torch.manual_seed(self.seed * 1000 + epoch)
-        self.train_loader.batch_sampler.set_epoch(epoch)
         loss_sum = torch.zeros((), device=self.device)
         steps = 0
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.epochs}", leave=False, dynamic_ncols=True)
+        bar = tqdm(batches, total=len(self.train_loader), desc=f"epoch {epoch}/{self.epochs}", leave=False,
+                   dynamic_ncols=True)
         shown = time.monotonic()
         for images, masks, _ in bar:
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
@@ -246,14 +254,14 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, eval_set: EvalSet) -> EvalResult:
         t0 = time.monotonic()
-        self.model.eval()
+        self.eval_model.eval()
         cm = torch.zeros((self.num_classes, self.num_classes), dtype=torch.long, device=self.device)
         loss_sum = torch.zeros((), device=self.device)
         ious = torch.zeros(eval_set.size, dtype=torch.float64, device=self.device)
         for images, masks, index in eval_set.loader:
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             masks = masks.to(self.device, non_blocking=True)
-            logits = predict(self.model, images, **self.infer)
+            logits = predict(self.eval_model, images, **self.infer)
             loss_sum += self.criterion(logits, masks) * len(images)
             pred = metrics.predict_classes(logits)
             cm += metrics.confusion_matrix(pred, masks, self.num_classes)
@@ -294,7 +302,7 @@ class Trainer:
         rows = []
         for index in torch.argsort(val.per_image_iou)[: self.log_worst].tolist():
             image, mask, _ = dataset[index]
-            logits = predict(self.model, image[None].to(self.device), **self.infer)
+            logits = predict(self.eval_model, image[None].to(self.device), **self.infer)
             pred = metrics.predict_classes(logits)[0].cpu().numpy().astype(np.uint8)
             raw, _ = dataset.load(index)
             truth = mask.numpy()

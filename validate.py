@@ -31,7 +31,7 @@ from errors import UserError, run_cli
 from fileio import write_image, write_text
 from inference import TTA_MODES, predict
 from model import load_checkpoint, min_input_size, model_from_checkpoint, save_checkpoint
-from runtime import AMP_CHOICES, amp_dtype, default_workers, select_device, worker_init
+from runtime import AMP_CHOICES, amp_dtype, configure, default_workers, select_device, worker_init
 
 MARKER = ".segkit-validate"  # marks an output folder as ours, so a re-run may clear its old files
 SWEEP_BINS = 1000
@@ -245,8 +245,8 @@ def show(picture: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- the loop
 def predict_folder(model: torch.nn.Module, loader: DataLoader, infer: dict, batch_size: int, device: torch.device,
-                   on_image) -> None:
-    """Predict every item of a ValidationSet loader and hand (logits, mask, index, thumbnail) to on_image.
+                   on_batch) -> None:
+    """Predict every item of a ValidationSet loader; hand each batch's (logits, masks, indices, thumbnails) on.
 
     Consecutive images of one shape that fits in a tile are stacked into batches and run whole; larger images go
     alone through predict(), which slides the tile over them. Images over 16 Mpx are blended in host memory.
@@ -255,9 +255,9 @@ def predict_folder(model: torch.nn.Module, loader: DataLoader, infer: dict, batc
 
     def flush() -> None:
         if pending:
-            logits = predict(model, torch.stack([p[0] for p in pending]).to(device, non_blocking=True), **infer)
-            for (_, mask, index, thumb), lg in zip(pending, logits, strict=True):
-                on_image(lg[None], mask, index, thumb)
+            images, masks, indices, thumbs = zip(*pending, strict=True)
+            on_batch(predict(model, torch.stack(images).to(device, non_blocking=True), **infer), masks, indices,
+                     thumbs)
             pending.clear()
 
     for image, mask, index, thumb, error in loader:
@@ -273,13 +273,14 @@ def predict_folder(model: torch.nn.Module, loader: DataLoader, infer: dict, batc
         else:
             flush()
             big = image.shape[-1] * image.shape[-2] > 4096 * 4096
-            on_image(predict(model, image[None] if big else image[None].to(device, non_blocking=True), **infer),
-                     mask, index, thumb)
+            on_batch(predict(model, image[None] if big else image[None].to(device, non_blocking=True), **infer),
+                     [mask], [index], [thumb])
     flush()
 
 
 class Evaluation:
-    """What happens to each predicted image: metrics accumulated on the device, and the files asked for."""
+    """What happens to each predicted batch: metrics accumulated on the device for the whole batch at once, then
+    the files asked for, image by image."""
 
     def __init__(self, labels: Labels, threshold: float, samples: list, device: torch.device,
                  args: argparse.Namespace | None = None, out: Path | None = None):
@@ -288,38 +289,43 @@ class Evaluation:
         self.num_classes = labels.num_classes
         self.values = label_values(labels)
         self.cm = torch.zeros((self.num_classes,) * 2, dtype=torch.long, device=device)
-        self.per_image: list[torch.Tensor] = []
+        self.per_image: list[torch.Tensor] = []  # (N, C, C) per batch
         self.stems: list[str] = []
         self.sweep = torch.zeros((2, SWEEP_BINS), dtype=torch.long, device=device)  # background / foreground
         self.worst: list = []  # heap of (-iou, order, picture)
         self.first_plot = None
         self.pixels = 0
 
-    def __call__(self, logits: torch.Tensor, mask: torch.Tensor | None, index: int, thumb) -> None:
-        logits = logits[0].float().to(self.device)
-        probs = torch.sigmoid(logits) if self.binary else torch.softmax(logits, 0)
-        pred_t = (probs[0] > self.threshold).long() if self.binary else probs.argmax(0)
-        stem = self.samples[index].stem
-        self.stems.append(stem)
-        self.pixels += pred_t.numel()
-        image_cm = None
-        if mask is not None:
-            mask = mask.to(self.device, non_blocking=True)
-            image_cm = metrics.confusion_matrix(pred_t, mask, self.num_classes)
-            self.cm += image_cm
-            self.per_image.append(image_cm)
+    def __call__(self, logits: torch.Tensor, masks: list, indices: list[int], thumbs: list) -> None:
+        logits = logits.float().to(self.device)
+        probs = torch.sigmoid(logits) if self.binary else torch.softmax(logits, 1)
+        preds = (probs[:, 0] > self.threshold).long() if self.binary else probs.argmax(1)
+        self.stems += [self.samples[i].stem for i in indices]
+        self.pixels += preds.numel()
+        image_cms = truth = None
+        if masks[0] is not None:
+            truth = torch.stack(masks).to(self.device, non_blocking=True)
+            image_cms = metrics.per_image_confusion(preds, truth, self.num_classes)
+            self.cm += image_cms.sum(0)
+            self.per_image.append(image_cms)
             if self.args is not None and self.args.find_threshold:
-                valid = mask != IGNORE_INDEX
-                q = (probs[0][valid] * SWEEP_BINS).long().clamp_(0, SWEEP_BINS - 1)
-                self.sweep.view(-1).index_add_(0, mask[valid].long() * SWEEP_BINS + q, torch.ones_like(q))
+                valid = truth != IGNORE_INDEX
+                q = (probs[:, 0][valid] * SWEEP_BINS).long().clamp_(0, SWEEP_BINS - 1)
+                self.sweep.view(-1).index_add_(0, truth[valid].long() * SWEEP_BINS + q, torch.ones_like(q))
         if self.out is None:
             return
+        preds = preds.cpu().numpy().astype(np.uint8)
+        ious = None if image_cms is None else metrics.mean_foreground_iou(image_cms).tolist()
+        for k, index in enumerate(indices):
+            self.write(self.samples[index].stem, probs[k], preds[k], None if truth is None else truth[k],
+                       None if ious is None else ious[k], thumbs[k])
+
+    def write(self, stem: str, probs: torch.Tensor, pred: np.ndarray, truth: torch.Tensor | None, iou: float | None,
+              thumb) -> None:
         args, out = self.args, self.out
-        pred = pred_t.cpu().numpy().astype(np.uint8)
         write_outputs(args, out, stem, probs, pred, self.values)
         if args.plots:
-            iou = None if image_cm is None else float(metrics.mean_foreground_iou(image_cm))
-            truth = None if mask is None else mask.cpu().numpy()
+            truth = None if truth is None else truth.cpu().numpy()
             panel = plot_panel(thumb, truth, pred, self.num_classes, stem + ("" if iou is None else f"  IoU {iou:.3f}"))
             path = out / "plots" / (f"{stem}_iou{iou:.4f}.png" if iou is not None else f"{stem}.png")
             write_image(path, panel)
@@ -367,10 +373,10 @@ def main(args: argparse.Namespace) -> int:
 
     device = select_device(args.cpu, args.device)
     amp = amp_dtype(args.amp, device)
+    configure(device)
     model = model_from_checkpoint(ckpt).to(device).eval()
-    if device.type == "cuda":
+    if device.type in ("cuda", "cpu"):  # channels-last convolutions: faster on both (bench/RESULTS.md)
         model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
 
     def autocast():
         return torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
@@ -417,7 +423,7 @@ def report(args, out: Path, ckpt_path: Path, data_dir: Path, names: list[str], t
               "dataset": str(data_dir), "images": len(evaluation.stems), "tile_size": tile, "overlap": args.overlap,
               "tta": args.tta}
     write_text(out / "metrics.json", json.dumps(clean(result), indent=2) + "\n")
-    pics = torch.stack(evaluation.per_image).cpu()
+    pics = torch.cat(evaluation.per_image).cpu()
     ious = metrics.iou_per_class(pics).numpy()
     miou = metrics.mean_foreground_iou(pics).numpy()
     buf = io.StringIO()

@@ -36,12 +36,12 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from augmentations import PRESETS, train_transform  # noqa: E402
-from dataset import Labels, SegmentationDataset, as_is, channel_stats, find_samples, scan_samples  # noqa: E402
+from dataset import Labels, RamCache, SegmentationDataset, as_is, channel_stats, find_samples, scan_samples  # noqa: E402
 from fileio import write_image  # noqa: E402
 from inference import predict  # noqa: E402
 from losses import SegmentationLoss  # noqa: E402
 from model import build_model  # noqa: E402
-from runtime import AMP_CHOICES, amp_dtype, cpu_count, default_workers, select_device  # noqa: E402
+from runtime import AMP_CHOICES, amp_dtype, configure, cpu_count, default_workers, select_device  # noqa: E402
 from train import loader_options, make_optimizer, make_scheduler  # noqa: E402
 from trainer import EpochBatchSampler, Trainer  # noqa: E402
 from validate import Evaluation, ValidationSet, predict_folder  # noqa: E402
@@ -56,6 +56,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("-a", "--aug", default="hard", choices=list(PRESETS))
     p.add_argument("-w", "--workers", type=int, default=None, help="default: as train.py")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES)
+    p.add_argument("--cache", default="none", choices=["none", "ram"], help="as train.py --cache")
+    p.add_argument("--compile", action="store_true", help="as train.py --compile (compile time is reported)")
+    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                   help="memory format of model and batches (auto: on for CUDA and CPU, as train.py)")
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--device", default=None)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "water_s2l8"),
@@ -102,23 +106,6 @@ def timed(fn, repeats: int, sync) -> list[float]:
     return times
 
 
-class ResidentBatches:
-    """Stands in for a DataLoader: the same device-resident batch, `steps` times (for the model-only limit)."""
-
-    class _Sampler:
-        def set_epoch(self, epoch: int) -> None:
-            pass
-
-    def __init__(self, batch: tuple, steps: int):
-        self.batch, self.steps, self.batch_sampler = batch, steps, self._Sampler()
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self):
-        return iter([self.batch] * self.steps)
-
-
 def main(args: argparse.Namespace) -> dict:
     device = select_device(args.cpu, args.device)
     cuda = device.type == "cuda"
@@ -129,8 +116,7 @@ def main(args: argparse.Namespace) -> dict:
     amp = amp_dtype(args.amp, device)
     add_dirs = args.add_dirs.split()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
+    configure(device)
     scratch = None
     data = Path(args.data)
     if args.synthetic_size:
@@ -145,54 +131,50 @@ def main(args: argparse.Namespace) -> dict:
 
 def run(args, device, encoder, size, batch, workers, amp, add_dirs, sync, data: Path) -> dict:
     cuda = device.type == "cuda"
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type in ("cuda", "cpu"))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     labels = Labels.from_args(None, None, None)
     samples = find_samples(data / "train", add_dirs)
     infos = scan_samples(samples, with_stats=True, workers=workers)
     stats = channel_stats(infos, labels)
     channels, rgb8 = infos[0].channels, infos[0].channels == 3 and infos[0].dtype == "uint8"
+    sizes = [(i.height, i.width) for i in infos]
+    cache = RamCache(samples, labels.lut(), sizes, channels, infos[0].dtype, workers) if args.cache == "ram" else None
     model, _ = build_model(args.model, encoder, channels, 1, "none")
     model.to(device, memory_format=memory_format)
     criterion = SegmentationLoss("dice", binary=True).to(device)
     ns = argparse.Namespace(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, scheduler="cosine",
                             epochs=1000, warmup_epochs=0)
     optimizer = make_optimizer(ns, model)
-    dataset = SegmentationDataset(samples, labels, stats, train_transform(args.aug, size, rgb8, resize=False))
+    pad = any(h < size or w < size for h, w in sizes)
+    dataset = SegmentationDataset(samples, labels, stats, train_transform(args.aug, size, rgb8, False, pad), cache)
     loader = DataLoader(dataset, batch_sampler=EpochBatchSampler(len(dataset), batch, seed=0),
                         **loader_options(workers, device))
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-
-    def trainer_for(train_loader) -> Trainer:
-        return Trainer(model, criterion, optimizer, make_scheduler(ns, optimizer, len(train_loader)), scaler,
-                       train_loader, [], device, amp, Path(tempfile.gettempdir()), {}, ["0", "255"], 1000, 0,
-                       channels_last=cuda)
-
+    trainer = Trainer(torch.compile(model) if args.compile else model, criterion, optimizer,
+                      make_scheduler(ns, optimizer, len(loader)), scaler, loader, [], device, amp,
+                      Path(tempfile.gettempdir()), {}, ["0", "255"], 1000, 0, channels_last=channels_last)
     results = {}
-    # 1. model only: the training step on one device-resident batch
+    # 1. model only: the training step on one device-resident batch (the first call compiles, if asked)
     x = torch.randn(batch, channels, size, size, device=device).contiguous(memory_format=memory_format)
     y = (torch.rand(batch, size, size, device=device) > 0.7).to(torch.uint8)
-    resident = trainer_for(ResidentBatches((x, y, None), args.steps))
-    t = timed(lambda: resident.train_one_epoch(1), args.repeats, sync)
+    sync()
+    t0 = time.perf_counter()
+    trainer.train_one_epoch(1, [(x, y, None)])
+    sync()
+    results["first_step_s"] = time.perf_counter() - t0
+    t = timed(lambda: trainer.train_one_epoch(1, [(x, y, None)] * args.steps), args.repeats, sync)
     results["model_only"] = args.steps * batch / statistics.median(t)
 
-    # 2. loader only: the real data path, nothing on the device
-    loader_epochs = itertools.count(1)
-
-    def drain():
-        got = 0
-        while got < args.steps:
-            loader.batch_sampler.set_epoch(next(loader_epochs))
-            for _ in loader:
-                got += 1
-                if got == args.steps:
-                    break
-
-    t = timed(drain, args.repeats, lambda: None)
+    # 2. loader only: the real data path, nothing on the device; one stream of batches, as Trainer.fit() uses
+    stream = iter(loader)
+    t = timed(lambda: list(itertools.islice(stream, args.steps)), args.repeats, lambda: None)
     results["loader_only"] = args.steps * batch / statistics.median(t)
 
-    # 3. end to end: the real trainer's epoch over the real loader
-    real = trainer_for(loader)
-    t = timed(lambda: real.train_one_epoch(next(loader_epochs)), args.repeats, sync)
+    # 3. end to end: the real trainer's epochs over the real loader
+    epochs = itertools.count(2)
+    t = timed(lambda: trainer.train_one_epoch(next(epochs), itertools.islice(stream, len(loader))), args.repeats,
+              sync)
     results["end_to_end"] = len(loader) * batch / statistics.median(t)
     results["end_to_end_over_model_only"] = results["end_to_end"] / results["model_only"]
     results["loader_over_end_to_end"] = results["loader_only"] / results["end_to_end"]
@@ -236,7 +218,8 @@ def run(args, device, encoder, size, batch, workers, amp, add_dirs, sync, data: 
         "torch": str(torch.__version__), "smp": str(smp.__version__), "model": args.model, "encoder": encoder,
         "image_size": size, "batch_size": batch, "aug": args.aug, "workers": workers,
         "amp": str(amp).replace("torch.", "") if amp else "off", "channels": channels, "data": str(data),
-        "train_images": len(samples), "repeats": args.repeats, "steps": args.steps,
+        "train_images": len(samples), "repeats": args.repeats, "steps": args.steps, "cache": args.cache,
+        "compile": args.compile, "channels_last": channels_last,
     })
     return results
 
@@ -244,9 +227,10 @@ def run(args, device, encoder, size, batch, workers, amp, add_dirs, sync, data: 
 def print_table(r: dict) -> None:
     print(f"\n{r['device']} | torch {r['torch']} | smp {r['smp']} | {r['model']}/{r['encoder']} {r['image_size']}px "
           f"batch {r['batch_size']} | {r['channels']} channels | preset {r['aug']} | {r['workers']} workers | "
-          f"amp {r['amp']}")
+          f"amp {r['amp']} | cache {r['cache']} | compile {r['compile']} | channels_last {r['channels_last']}")
     print(f"{'measure':<34} {'value':>10}")
-    rows = [("model-only train steps (samples/s)", "model_only"),
+    rows = [("first train step (s, incl. compile)", "first_step_s"),
+            ("model-only train steps (samples/s)", "model_only"),
             ("loader-only (samples/s)", "loader_only"),
             ("end-to-end epoch (samples/s)", "end_to_end"),
             ("  end-to-end / model-only", "end_to_end_over_model_only"),
