@@ -100,9 +100,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("-e", "--epochs", type=int, default=50, help="epochs in all; more than done continues (50)")
     g.add_argument("-b", "--batch-size", type=int, default=8, help="batch size (8)")
     g.add_argument("-lr", "--learning-rate", type=float, default=1e-3, help="peak learning rate (1e-3)")
-    g.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"], help="(adamw)")
+    g.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS), help="(adamw)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="(1e-4)")
-    g.add_argument("--scheduler", default="cosine", choices=["cosine", "plateau", "poly", "none"],
+    g.add_argument("--scheduler", default="cosine", choices=list(SCHEDULES),
                    help="learning-rate schedule, per step; plateau halves it when val mIoU stalls (cosine)")
     g.add_argument("--warmup-epochs", type=float, default=1.0,
                    help="linear warm-up, at most a tenth of the run (1)")
@@ -233,30 +233,38 @@ def loss_weights(args: argparse.Namespace, labels: Labels, stats: ChannelStats
     return class_weights, pos_weight
 
 
+OPTIMIZERS = {
+    "adamw": lambda params, a: torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=a.weight_decay),
+    "adam": lambda params, a: torch.optim.Adam(params, lr=a.learning_rate, weight_decay=a.weight_decay),
+    "sgd": lambda params, a: torch.optim.SGD(params, lr=a.learning_rate, momentum=0.9, nesterov=True,
+                                             weight_decay=a.weight_decay),
+}
+# Learning-rate factor after warm-up, as a function of the run's progress 0..1; "plateau" instead halves the rate
+# when the val score stalls for 5 epochs.
+SCHEDULES = {
+    "cosine": lambda progress: 0.5 * (1 + math.cos(math.pi * progress)),
+    "poly": lambda progress: (1 - progress) ** 0.9,
+    "none": lambda progress: 1.0,
+    "plateau": None,
+}
+
+
 def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=0.9, nesterov=True,
-                               weight_decay=args.weight_decay)
-    cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    return OPTIMIZERS[args.optimizer](model.parameters(), args)
 
 
 def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """Per-step warm-up then cosine/poly/constant; or per-epoch ReduceLROnPlateau on the val score."""
+    """Per-step linear warm-up then the schedule; or per-epoch ReduceLROnPlateau on the val score."""
     if args.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=5)
     total = args.epochs * steps_per_epoch
     warmup = int(min(args.warmup_epochs * steps_per_epoch, total // 10))
+    schedule = SCHEDULES[args.scheduler]
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if args.scheduler == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        if args.scheduler == "poly":
-            return (1 - progress) ** 0.9
-        return 1.0
+        return schedule(min(1.0, (step - warmup) / max(1, total - warmup)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -409,7 +417,7 @@ def main(args: argparse.Namespace) -> int:
           f"{', '.join(labels.names)} ({'binary, sigmoid' if labels.binary else 'softmax'}), "
           f"{'resized to' if args.resize else 'crops'} {image_size}, augmentation {args.aug}")
     print(f"model: {meta['arch']} / {meta['encoder']}, {n_params:.1f}M parameters, {weights_desc}")
-    print(f"run: {device}{' amp ' + str(amp).replace('torch.', '') if amp else ''}, {workers} workers, "
+    print(f"run: {device}{' amp ' + str(amp).replace('torch.', '') if amp else ''}, {workers} loader worker(s), "
           f"batch {args.batch_size}, {args.optimizer} lr {args.learning_rate:g} {args.scheduler}, loss {args.loss}")
     print(f"experiment: {exp_dir}" + (f" (resuming after epoch {ckpt['epoch']}/{args.epochs})" if ckpt else ""),
           flush=True)

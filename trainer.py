@@ -176,8 +176,9 @@ class Trainer:
         t0 = time.monotonic()
         train_loss, lr = self.train_one_epoch(epoch, batches)
         if not math.isfinite(train_loss):
-            raise UserError(f"training diverged at epoch {epoch} (loss {train_loss}); the last good state is kept "
-                            "in last.pth: lower -lr, or use --amp off, then run the same command again")
+            raise UserError(f"training diverged at epoch {epoch} (loss {train_loss}); last.pth keeps epoch "
+                            f"{self.state.epoch}: run the same command with --amp off to resume from there, or start "
+                            "a new --exp-name with a lower -lr")
         row = {"epoch": epoch, "train_loss": train_loss}
         evaluated = [e for e in self.eval_sets if e.name == "val" or epoch % self.adv_freq == 0
                      or epoch == self.epochs]
@@ -208,8 +209,8 @@ class Trainer:
             else:
                 s.bad_epochs += 1
             s.early_stopped = bool(self.patience) and s.bad_epochs >= self.patience
-        if self.plateau:
-            self.scheduler.step(score if score is not None else s.best_score)
+        if self.plateau and score is not None:
+            self.scheduler.step(score)
         if improved:
             save_checkpoint(self.exp_dir / "best.pth", {"model": unwrap(self.model).state_dict(),
                                                         "meta": self.meta, "epoch": epoch, "score": score})

@@ -6,8 +6,8 @@
 
 The folder holds images/, optionally gt/ (then metrics are computed) and the extra band folders the model was
 trained with. Everything about preprocessing (bands, normalisation, label values, resize mode, architecture) comes
-from the checkpoint. Images of the tile size go through in batches; other sizes are predicted whole or with a
-sliding window of overlapping tiles and come back at exactly their own size.
+from the checkpoint. Images up to the tile size are predicted whole, in batches of equal shapes; larger ones with a
+sliding window of overlapping tiles; every mask comes back at exactly its image's size.
 """
 import argparse
 import contextlib
@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 import metrics
 import visualize
@@ -390,8 +391,6 @@ def main(args: argparse.Namespace) -> int:
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
                         worker_init_fn=worker_init, prefetch_factor=4 if workers else None, collate_fn=as_is)
     evaluation = Evaluation(labels, threshold, samples, device, args, None if args.com else out)
-    from tqdm import tqdm
-
     t0 = time.monotonic()
     predict_folder(model, tqdm(loader, total=len(samples), desc="predicting", leave=False, dynamic_ncols=True),
                    infer, args.batch, device, evaluation)
