@@ -13,8 +13,12 @@ from pathlib import Path
 
 import albumentations as A
 import cv2
+import numpy as np
 
-from dataset import IGNORE_INDEX
+import visualize
+from dataset import IGNORE_INDEX, Labels, SegmentationDataset, channel_stats, find_samples, inspect_sample
+from errors import UserError, run_cli
+from fileio import write_image
 
 FILL = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": IGNORE_INDEX}
 
@@ -102,13 +106,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def preview(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    import visualize
-    from dataset import Labels, SegmentationDataset, channel_stats, find_samples, inspect_sample
-    from errors import UserError
-    from fileio import write_image
-
     root = Path(args.preview)
     split = root / "train" if (root / "train" / "images").is_dir() else root
     labels = Labels.from_args(args.class_list, args.max_mask_val, None)
@@ -136,6 +133,4 @@ def preview(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from errors import run_cli
-
     run_cli(lambda: preview(get_args_parser().parse_args()))

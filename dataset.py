@@ -107,6 +107,12 @@ def split_folders(root: Path) -> list[Path]:
     return splits
 
 
+def folder_label(folder: Path) -> str:
+    """A readable name for a data folder: `city_val` for city/val, else the folder's own name."""
+    folder = Path(folder)
+    return f"{folder.parent.name}_{folder.name}" if folder.name in ("train", "val", "test") else folder.name
+
+
 def band_folders(split_dir: Path) -> list[str]:
     """Folders beside images/ and gt/ that hold images: the extra bands."""
     return sorted(p.name for p in Path(split_dir).iterdir()

@@ -31,6 +31,7 @@ from dataset import (
     dataset_problems,
     find_samples,
     fingerprint,
+    folder_label,
     scan_samples,
     unlisted_note,
 )
@@ -188,8 +189,7 @@ def read_add_val_list(path: str) -> list[tuple[str, Path]]:
         if not line or line.startswith("#"):
             continue
         folder = Path(line) if Path(line).is_absolute() else file.parent / line
-        label = f"{folder.parent.name}_{folder.name}" if folder.name in ("val", "test", "train") else folder.name
-        name = "".join(c if c.isalnum() else "_" for c in label) or "set"
+        name = "".join(c if c.isalnum() else "_" for c in folder_label(folder)) or "set"
         while name in seen:
             name += "_"
         seen.add(name)

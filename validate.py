@@ -27,7 +27,16 @@ from tqdm import tqdm
 
 import metrics
 import visualize
-from dataset import IGNORE_INDEX, ChannelStats, Labels, SegmentationDataset, as_is, find_samples, read_sample
+from dataset import (
+    IGNORE_INDEX,
+    ChannelStats,
+    Labels,
+    SegmentationDataset,
+    as_is,
+    find_samples,
+    folder_label,
+    read_sample,
+)
 from errors import UserError, run_cli
 from fileio import write_image, write_text
 from inference import TTA_MODES, predict
@@ -139,9 +148,7 @@ def prepare_output(args: argparse.Namespace, ckpt_path: Path, data_dir: Path) ->
     if args.output_dir:
         out = Path(args.output_dir)
     else:
-        name = f"{data_dir.parent.name}_{data_dir.name}" if data_dir.name in ("val", "test", "train") else \
-            data_dir.name
-        out = ckpt_path.parent / f"predictions_{name or 'dataset'}"
+        out = ckpt_path.parent / f"predictions_{folder_label(data_dir) or 'dataset'}"
     try:
         out.mkdir(parents=True, exist_ok=True)
         if (out / MARKER).exists():
