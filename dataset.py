@@ -333,8 +333,9 @@ def dataset_problems(infos: list[SampleInfo], labels: Labels | None, split: str)
     return problems
 
 
-def label_problems(infos: list[SampleInfo], labels: Labels, split: str) -> list[str]:
-    """Mask values the labels do not cover (strict labels), and a training set without any class pixel."""
+def label_problems(infos: list[SampleInfo], labels: Labels, split: str, other_fix: str = "") -> list[str]:
+    """Mask values the labels do not cover (strict labels), and a training set without any class pixel.
+    other_fix: one more way out, appended to the uncovered-values message."""
     known = labels.known()
     found = sorted({v for i in infos for v in i.mask_values})
     odd = {i.mask: sorted(v for v in i.mask_values if v not in known) for i in infos}
@@ -348,7 +349,7 @@ def label_problems(infos: list[SampleInfo], labels: Labels, split: str) -> list[
         where = _more([f"{mask} ({_more(values, 4)})" for mask, values in odd.items()], 4)
         problems.append(f"{split} masks hold label values {_more(unlisted)} not covered by {labels.flag}{hint}, in "
                         f"{len(odd)} file(s): {where}. If they are classes, pass --class-list \"{suggestion}\"; "
-                        "to leave them out of training pass --ignore-label VALUE; or fix those masks")
+                        f"to leave them out of training pass --ignore-label VALUE; or fix those masks{other_fix}")
     if split == "train" and infos and not any(v in found for v in labels.values):
         problems.append(f"no training mask holds any of the class values {' '.join(map(str, labels.values))} "
                         f"(values found: {_more(found)}); pass the right --class-list, e.g. --class-list \""

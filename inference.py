@@ -100,6 +100,7 @@ def _slide(model, image, tile, overlap, tta, batch_size, autocast) -> torch.Tens
     stride = max(1, int(tile * (1 - overlap)))
     boxes = [(y, x) for y in tile_starts(ph, tile, stride) for x in tile_starts(pw, tile, stride)]
     weight = gaussian_window(tile, device)
+    weight_here = weight.to(image.device)  # huge images are blended in host memory: copy the window there once
     out = norm = None
     for i in range(0, len(boxes), batch_size):
         chunk = boxes[i:i + batch_size]
@@ -110,8 +111,7 @@ def _slide(model, image, tile, overlap, tta, batch_size, autocast) -> torch.Tens
         if out is None:
             out = torch.zeros((logits.shape[1], ph, pw), dtype=torch.float32, device=image.device)
             norm = torch.zeros((ph, pw), dtype=torch.float32, device=image.device)
-        w_local = weight.to(image.device)
         for (y, x), t in zip(chunk, logits, strict=True):
             out[:, y:y + tile, x:x + tile] += t
-            norm[y:y + tile, x:x + tile] += w_local
+            norm[y:y + tile, x:x + tile] += weight_here
     return (out / norm)[None, :, :h, :w]

@@ -72,8 +72,8 @@ def check(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         infos = scan_samples(samples, with_stats=False, workers=workers, desc=f"reading {name}")
         ok = [i for i in infos if not i.error]
         problems = dataset_problems(infos, None, name)
-        errors += problems + [p + ("; or pass --other-values background to train them as background"
-                                   if "not covered by" in p else "") for p in label_problems(ok, labels, name)]
+        errors += problems + label_problems(ok, labels, name,
+                                            "; or pass --other-values background to train them as background")
         values = Counter()
         for i in ok:
             values.update(i.mask_values)

@@ -120,7 +120,7 @@ def convert(args: argparse.Namespace) -> Counter:
                 continue
             after.update(np.unique(new).tolist())
             ext = ".png" if path.suffix.lower() in (".jpg", ".jpeg") else path.suffix
-            write_image(scratch / f"{path.stem}{ext}", new)
+            write_image(scratch / f"{path.stem}{ext}", new, atomic=False)  # the scratch folder is swapped in whole
         if problems:
             raise UserError(f"{len(problems)} mask(s) hold {'colours' if colour else 'values'} that are not listed; "
                             "add them, or set them with --unmapped VALUE; nothing was changed:\n  "

@@ -129,7 +129,7 @@ def split(args: argparse.Namespace) -> dict:
                     pad = ((0, tile - h), (0, tile - w)) + ((0, 0),) * (data.ndim - 2)
                     data = np.pad(data, pad, constant_values=0 if folder == "gt" else args.pad_value)
                 geo = rasters[folder].geo
-                write_image(scratch / folder / f"{name}{kinds[folder]}", data,
+                write_image(scratch / folder / f"{name}{kinds[folder]}", data, atomic=False,  # scratch folder
                             extratags=extratags(shifted_geo(geo, y, x)) if geo and kinds[folder] == ".tif" else None)
             kept.append([y, x])
         for p in existing:  # --overwrite: an earlier tiling of this scene goes first
