@@ -14,6 +14,7 @@ import contextlib
 import csv
 import heapq
 import io
+import itertools
 import json
 import math
 import time
@@ -300,7 +301,8 @@ class Evaluation:
         self.per_image: list[torch.Tensor] = []  # (N, C, C) per batch
         self.stems: list[str] = []
         self.sweep = torch.zeros((2, SWEEP_BINS), dtype=torch.long, device=device)  # background / foreground
-        self.worst: list = []  # heap of (-iou, order, picture)
+        self.worst: list = []  # heap of (-iou, plot number, picture): the number breaks ties between equal IoUs
+        self.plotted = itertools.count()
         self.first_plot = None
         self.pixels = 0
 
@@ -340,7 +342,7 @@ class Evaluation:
             self.first_plot = self.first_plot or path
             if iou is not None:
                 scale = min(1.0, 200 / panel.shape[0])
-                heapq.heappush(self.worst, (-iou, len(self.stems),
+                heapq.heappush(self.worst, (-iou, next(self.plotted),
                                             cv2.resize(panel, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)))
                 if len(self.worst) > args.worst:
                     heapq.heappop(self.worst)

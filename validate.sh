@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Evaluate a trained model: masks, plots and metrics (sets up .venv on first use). With no settings: the newest
-# experiment in logs/ on the sample's val split. Settings are environment variables; further arguments go to
+# Evaluate a trained model: masks, plots and metrics (sets up .venv on first use). With no settings: the experiment
+# trained last in logs/ on the sample's val split. Settings are environment variables; further arguments go to
 # validate.py as they are:
 #   CHECK_DIR=logs/flood DATASET=my_data/val TTA=d4 bash validate.sh --raw
 set -euo pipefail
@@ -8,8 +8,10 @@ cd "$(dirname "$0")"
 source setup.sh requirements.txt
 
 LOG_DIR=${LOG_DIR:-logs}
-if [ -z "${CHECKPOINT:-}" ] && [ -z "${CHECK_DIR:-}" ]; then   # the newest experiment that has a best.pth
-  CHECK_DIR=$(ls -td "$LOG_DIR"/*/ 2>/dev/null | while read -r d; do [ -f "$d/best.pth" ] && echo "${d%/}" && break; done)
+# With neither CHECKPOINT nor CHECK_DIR: the experiment trained last, by the time of its last.pth (only training
+# writes last.pth; validating writes beside best.pth and may rewrite it, so folder and best.pth times mislead).
+if [ -z "${CHECKPOINT:-}" ] && [ -z "${CHECK_DIR:-}" ]; then
+  CHECK_DIR=$(ls -t "$LOG_DIR"/*/last.pth 2>/dev/null | while read -r f; do d=$(dirname "$f"); [ -f "$d/best.pth" ] && echo "$d" && break; done || true)
   if [ -z "$CHECK_DIR" ]; then
     echo "error: no experiment with a best.pth in $LOG_DIR/: run bash train.sh first, or set CHECK_DIR" >&2
     exit 2

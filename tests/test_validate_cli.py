@@ -1,12 +1,16 @@
 """validate.py end to end through its command line: a model trained once per module on tiny data."""
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, assert_user_error, make_dataset, run_script
+from conftest import FAST, ROOT, assert_user_error, make_dataset, run_script
 
 from fileio import read_image, write_image
 from model import save_checkpoint
@@ -181,3 +185,32 @@ def test_bad_datasets(trained, tmp_path):
                       "cannot write there")
     assert_user_error(validate("-cd", trained / "logs" / "multi", "-d", trained / "multi" / "val",
                                "--find-threshold"), "binary models")
+
+
+def test_plots_with_equal_ious_in_one_batch(trained, tmp_path):
+    """Identical images score identical IoUs; ranking them for worst.png must not compare the pictures."""
+    val = tmp_path / "val"
+    shutil.copytree(trained / "bin" / "val", val)
+    for folder in ("images", "gt", "nir"):
+        shutil.copy(val / folder / "v000.png", val / folder / "v000copy.png")
+    r = validate("-cd", trained / "logs" / "bin", "-d", val, "-o", tmp_path / "out", "--plots", "-b", "5",
+                 "--worst", "2")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "worst.png").exists() and len(list((tmp_path / "out" / "plots").iterdir())) == 5
+
+
+def test_validate_sh_picks_the_experiment_trained_last(trained, tmp_path):
+    """Not the one validated last: validating writes into an experiment and may rewrite its best.pth."""
+    logs = tmp_path / "logs"
+    shutil.copytree(trained / "logs", logs)
+    now = time.time()
+    os.utime(logs / "multi" / "last.pth", (now - 100, now - 100))
+    os.utime(logs / "bin" / "last.pth", (now - 50, now - 50))
+    (logs / "multi" / "predictions_bin_val").mkdir()  # as if multi had just been validated
+    os.utime(logs / "multi" / "best.pth", (now, now))
+    env = dict(os.environ, VENV="none", PYTHON=sys.executable, LOG_DIR=str(logs), DATASET=str(trained / "bin" / "val"),
+               OUTPUTS="--com")
+    r = subprocess.run(["bash", "validate.sh", "--cpu", "-w", "0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert (logs / "bin" / "predictions_bin_val" / "metrics.json").exists()
