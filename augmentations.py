@@ -11,16 +11,31 @@ Preview a preset:  python -m augmentations --preview data/sample -a hard -n 8 --
 import argparse
 from pathlib import Path
 
-import albumentations as A
 import cv2
 import numpy as np
 
 import visualize
-from dataset import IGNORE_INDEX, Labels, SegmentationDataset, channel_stats, find_samples, inspect_sample
+from cli import Parser, at_least, multiple_of_32
+from dataset import (
+    IGNORE_INDEX,
+    Labels,
+    SegmentationDataset,
+    channel_stats,
+    dataset_problems,
+    find_samples,
+    inspect_sample,
+)
 from errors import UserError, run_cli
-from fileio import write_image
+from fileio import output_folder, write_image
 
 FILL = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": IGNORE_INDEX}
+
+
+def albumentations():
+    """The albumentations module, imported when a preset is built: it loads torch, which --help need not wait for."""
+    import albumentations
+
+    return albumentations
 
 
 def none(rgb8: bool) -> list:
@@ -29,10 +44,12 @@ def none(rgb8: bool) -> list:
 
 def safe(rgb8: bool) -> list:
     """The 8 flips and right-angle rotations: nothing is invented, right for top-down imagery."""
+    A = albumentations()
     return [A.SquareSymmetry(p=1)]
 
 
 def light(rgb8: bool) -> list:
+    A = albumentations()
     return [
         A.SquareSymmetry(p=1),
         A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-15, 15), p=0.5, **FILL),
@@ -41,6 +58,7 @@ def light(rgb8: bool) -> list:
 
 
 def medium(rgb8: bool) -> list:
+    A = albumentations()
     return [
         A.SquareSymmetry(p=1),
         A.Affine(scale=(0.75, 1.33), translate_percent=(-0.1, 0.1), rotate=(-45, 45), p=0.7, **FILL),
@@ -52,6 +70,7 @@ def medium(rgb8: bool) -> list:
 
 
 def hard(rgb8: bool) -> list:
+    A = albumentations()
     return [
         A.SquareSymmetry(p=1),
         A.Affine(scale=(0.5, 1.5), translate_percent=(-0.15, 0.15), rotate=(-60, 60), shear=(-10, 10), p=0.9,
@@ -73,9 +92,10 @@ def hard(rgb8: bool) -> list:
 PRESETS = {"none": none, "safe": safe, "light": light, "medium": medium, "hard": hard}
 
 
-def train_transform(preset: str, image_size: int, rgb8: bool, resize: bool, pad: bool = True) -> A.Compose:
+def train_transform(preset: str, image_size: int, rgb8: bool, resize: bool, pad: bool = True):
     """Bring every training sample to image_size x image_size (random crop, padding, or --resize), then the preset.
     pad=False leaves the padding step out when no image is smaller than the crop (it would copy every sample)."""
+    A = albumentations()
     if resize:
         size = [A.Resize(image_size, image_size)]
     else:
@@ -86,22 +106,20 @@ def train_transform(preset: str, image_size: int, rgb8: bool, resize: bool, pad:
 
 # ------------------------------------------------------------------------------------------------------ preview
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Write before/after pictures of an augmentation preset.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog="example: python -m augmentations --preview data/sample -a hard -n 8 "
-                                       "--add-dirs nir")
+    p = Parser(description="Write before/after pictures of an augmentation preset.",
+               epilog="example: python -m augmentations --preview data/sample -a hard -n 8 --add-dirs nir")
     p.add_argument("--preview", required=True, metavar="DIR",
                    help="a dataset root (uses its train/ split) or a split folder holding images/ and gt/")
-    p.add_argument("-a", "--aug", default="medium", choices=sorted(PRESETS), help="preset to show")
-    p.add_argument("-n", "--num", type=int, default=8, help="number of samples")
-    p.add_argument("-k", "--variants", type=int, default=4, help="augmented versions per sample")
-    p.add_argument("--image-size", type=int, default=256, help="training crop size")
+    p.add_argument("-a", "--aug", default="medium", choices=list(PRESETS), help="preset to show (medium)")
+    p.add_argument("-n", "--num", type=at_least(1), default=8, help="number of samples (8)")
+    p.add_argument("-k", "--variants", type=at_least(1), default=4, help="augmented versions per sample (4)")
+    p.add_argument("--image-size", type=multiple_of_32("--image-size"), default=256, help="training crop size (256)")
     p.add_argument("--resize", action="store_true", help="resize instead of random crop")
     p.add_argument("--add-dirs", default="", help="extra one-band folders, e.g. 'nir'")
     p.add_argument("--class-list", default=None, help="mask label values that are classes (default 255)")
-    p.add_argument("--max-mask-val", type=int, default=None, help="classes are values 1..N")
-    p.add_argument("-o", "--output-dir", default="aug_preview", help="where the pictures go")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-mask-val", type=at_least(1), default=None, help="classes are values 1..N")
+    p.add_argument("-o", "--output-dir", default="aug_preview", help="where the pictures go (aug_preview)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="the same seed draws the same augmentations (0)")
     return p
 
 
@@ -111,17 +129,17 @@ def preview(args: argparse.Namespace) -> int:
     labels = Labels.from_args(args.class_list, args.max_mask_val, None)
     samples = find_samples(split, args.add_dirs.split(), masks="optional")[: args.num]
     infos = [inspect_sample(s, with_stats=True) for s in samples]
-    bad = [i.error for i in infos if i.error]
-    if bad:
-        raise UserError(bad[0])
+    problems = dataset_problems(infos, None, split.name)
+    if problems:
+        raise UserError("\n  ".join(problems))
     stats = channel_stats(infos, labels)
-    rgb8 = infos[0].channels == 3 and infos[0].dtype == "uint8"
-    transform = train_transform(args.aug, args.image_size, rgb8, args.resize)
+    transform = train_transform(args.aug, args.image_size, infos[0].channels == 3 and infos[0].dtype == "uint8",
+                                args.resize)
     ds = SegmentationDataset(samples, labels, stats, transform)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(Path(args.output_dir), "-o")
     for index, sample in enumerate(samples):
         image, mask = ds.load(index)
+        mask = np.zeros(image.shape[:2], np.uint8) if mask is None else mask  # no gt/: the image alone
         tiles = [visualize.overlay(visualize.to_rgb8(image), mask, labels.num_classes)]
         for k in range(args.variants):
             aug, aug_mask = ds.augment(index, seed=args.seed * 1000 + k)

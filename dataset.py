@@ -1,24 +1,30 @@
-"""Plain-folder segmentation datasets: find and pair files, map label values to classes, check, compute stats.
+"""Plain-folder segmentation datasets: find and pair files, map label values to classes, check, measure, and serve
+samples as numpy arrays (the DataLoader turns them into tensors; this module never imports torch, so the dataset
+tools start fast).
 
 Layout: <split>/images, <split>/gt (masks) and optional one-band folders (<split>/nir, ...), files paired by name
-stem (`a.tif` may have mask `a.png`). Images are HWC numpy arrays in their own dtype until normalisation; masks
-become HW uint8 class indices, with IGNORE_INDEX for pixels that count in neither loss nor metrics.
+stem (`a.tif` may have mask `a.png`). Images are HWC numpy arrays in their own dtype until the model's first layer
+normalises them; masks become HW uint8 class indices, with IGNORE_INDEX for pixels that count in neither loss nor
+metrics.
 """
 import hashlib
+import json
 import random
-from collections import defaultdict
-from dataclasses import dataclass, field
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from errors import UserError
-from fileio import IMAGE_EXTENSIONS, is_image_file, read_image
+from fileio import IMAGE_EXTENSIONS, is_image_file, read_image, write_text
 
 IGNORE_INDEX = 255  # class index of ignored pixels (--ignore-label, padding, fill of rotated corners)
 MAX_CLASSES = 254
 MAX_LISTED = 6  # problems / files shown per message before "... and N more"
+RESERVED_FOLDERS = ("images", "gt")
 
 
 def _more(items: list, n: int = MAX_LISTED) -> str:
@@ -33,6 +39,19 @@ class Sample:
     image: Path
     mask: Path | None
     bands: list[Path] = field(default_factory=list)
+
+
+def check_band_names(add_dirs: list[str], flag: str = "--add-dirs") -> None:
+    """Extra band folders are plain folder names beside images/, never the images or the masks themselves."""
+    for name in add_dirs:
+        if name in RESERVED_FOLDERS:
+            what = "the masks" if name == "gt" else "the input images"
+            raise UserError(f"{flag} {name}: '{name}/' holds {what}, not an extra band; name the band folders only, "
+                            'e.g. --add-dirs "nir"')
+        if name in (".", "..") or "/" in name or "\\" in name:
+            raise UserError(f"{flag} {name}: give the name of a folder beside images/ (e.g. nir), not a path")
+    if len(set(add_dirs)) != len(add_dirs):
+        raise UserError(f"{flag} names a folder twice: {' '.join(add_dirs)}")
 
 
 def _files_by_stem(folder: Path) -> dict[str, Path]:
@@ -109,14 +128,14 @@ def split_folders(root: Path) -> list[Path]:
 
 def folder_label(folder: Path) -> str:
     """A readable name for a data folder: `city_val` for city/val, else the folder's own name."""
-    folder = Path(folder)
+    folder = Path(folder).resolve()
     return f"{folder.parent.name}_{folder.name}" if folder.name in ("train", "val", "test") else folder.name
 
 
 def band_folders(split_dir: Path) -> list[str]:
     """Folders beside images/ and gt/ that hold images: the extra bands."""
-    return sorted(p.name for p in Path(split_dir).iterdir()
-                  if p.is_dir() and p.name not in ("images", "gt") and any(is_image_file(f) for f in p.iterdir()))
+    return sorted(p.name for p in Path(split_dir).iterdir() if p.is_dir() and p.name not in RESERVED_FOLDERS
+                  and not p.name.startswith(".") and any(is_image_file(f) for f in p.iterdir()))
 
 
 # ---------------------------------------------------------------------------------------------------- labels
@@ -134,11 +153,16 @@ class Labels:
 
     @classmethod
     def from_args(cls, class_list: str | None, max_mask_val: int | None, ignore_label: int | None) -> "Labels":
+        if ignore_label is not None and not 0 <= ignore_label <= 65535:
+            raise UserError(f"--ignore-label {ignore_label} must be a mask value between 0 and 65535")
         if max_mask_val is not None:
             if class_list is not None:
                 raise UserError("--class-list and --max-mask-val both given; use one")
             if not 1 <= max_mask_val <= MAX_CLASSES:
                 raise UserError(f"--max-mask-val {max_mask_val} must be between 1 and {MAX_CLASSES}")
+            if ignore_label is not None and 1 <= ignore_label <= max_mask_val:
+                raise UserError(f"--ignore-label {ignore_label} is one of the classes 1..{max_mask_val}; a value is a "
+                                "class or ignored")
             return cls(list(range(1, max_mask_val + 1)), ignore_label, True, f"--max-mask-val {max_mask_val}")
         strict = class_list is None
         try:
@@ -146,8 +170,8 @@ class Labels:
         except ValueError:
             raise UserError(f"--class-list '{class_list}' must be label values separated by spaces, e.g. "
                             "--class-list \"1 2 5\"") from None
-        if not values or len(set(values)) != len(values) or min(values) < 0:
-            raise UserError(f"--class-list '{class_list}' must list distinct non-negative mask values")
+        if not values or len(set(values)) != len(values) or min(values) < 0 or max(values) > 65535:
+            raise UserError(f"--class-list '{class_list}' must list distinct mask values between 0 and 65535")
         if len(values) > MAX_CLASSES:
             raise UserError(f"--class-list has {len(values)} values; at most {MAX_CLASSES} classes are supported")
         if ignore_label is not None and ignore_label in values:
@@ -171,7 +195,7 @@ class Labels:
     @property
     def names(self) -> list[str]:
         """Class names by label value: background is 0 unless 0 is itself a listed class."""
-        return ["bg" if 0 in self.values else "0"] + [str(v) for v in self.values]
+        return ["bg" if 0 in self.values else "0", *map(str, self.values)]
 
     def known(self) -> set[int]:
         return {0, *self.values} | ({self.ignore} if self.ignore is not None else set())
@@ -185,6 +209,11 @@ class Labels:
         if self.ignore is not None and 0 <= self.ignore < size:
             lut[self.ignore] = IGNORE_INDEX
         return lut
+
+    def label_values(self) -> np.ndarray:
+        """Class index -> the dataset's label value (background 0): masks written back in the user's values."""
+        values = np.array([0, *self.values])
+        return values.astype(np.uint8 if values.max() <= 255 else np.uint16)
 
     def to_meta(self) -> dict:
         return {"values": self.values, "ignore": self.ignore, "strict": self.strict, "flag": self.flag}
@@ -249,6 +278,17 @@ def _hw(shape: tuple) -> str:
     return f"{shape[1]}x{shape[0]}"
 
 
+def nonfinite_problem(image: np.ndarray, path: Path) -> str | None:
+    """NaN or infinite pixels poison normalisation and the loss: a message naming the file, or None."""
+    if image.dtype.kind != "f":
+        return None
+    bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+    if not bad:
+        return None
+    return (f"{path}: {bad} pixel value(s) are NaN or infinite (nodata?); replace them with a number, e.g. with "
+            "dataset_utils/filter_dataset.py --nodata nan to find such samples, before training or evaluating")
+
+
 # ------------------------------------------------------------------------------------------------ scanning
 @dataclass
 class SampleInfo:
@@ -262,10 +302,10 @@ class SampleInfo:
     channels: int = 0
     dtype: str = ""
     mask_values: dict[int, int] = field(default_factory=dict)
-    sums: np.ndarray | None = None  # per channel: sum, sum of squares (float64), min, max
-    sumsq: np.ndarray | None = None
-    mins: np.ndarray | None = None
+    mins: np.ndarray | None = None  # per channel
     maxs: np.ndarray | None = None
+    sums: np.ndarray | None = None  # per channel, float64, with_stats only
+    sumsq: np.ndarray | None = None
 
 
 def inspect_sample(sample: Sample, with_stats: bool) -> SampleInfo:
@@ -275,46 +315,35 @@ def inspect_sample(sample: Sample, with_stats: bool) -> SampleInfo:
     except UserError as e:
         info.error = str(e)
         return info
+    info.error = nonfinite_problem(image, sample.image)
     info.height, info.width, info.channels = image.shape
     info.dtype = str(image.dtype)
     if mask is not None:
         counts = np.bincount(mask.ravel(), minlength=1)
         info.mask_values = {int(v): int(c) for v, c in enumerate(counts) if c}
-    if with_stats:
-        flat = image.reshape(-1, image.shape[2]).astype(np.float64)
-        info.sums, info.sumsq = flat.sum(0), (flat * flat).sum(0)
-        info.mins, info.maxs = flat.min(0), flat.max(0)
+    if info.error is None:
+        flat = image.reshape(-1, image.shape[2])
+        info.mins, info.maxs = flat.min(0).astype(np.float64), flat.max(0).astype(np.float64)
+        if with_stats:
+            flat = flat.astype(np.float64)
+            info.sums, info.sumsq = flat.sum(0), (flat * flat).sum(0)
     return info
 
 
-class _ScanSet(torch.utils.data.Dataset):
-    def __init__(self, samples: list[Sample], with_stats: bool):
-        self.samples, self.with_stats = samples, with_stats
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> SampleInfo:
-        return inspect_sample(self.samples[i], self.with_stats)
-
-
-def as_is(item):
-    """A DataLoader collate_fn that passes samples through untouched (module-level: workers may be spawned)."""
-    return item
-
-
 def scan_samples(samples: list[Sample], with_stats: bool, workers: int, desc: str = "checking") -> list[SampleInfo]:
-    """Read every sample once (in parallel) and return what was learnt; never raises for bad files."""
+    """Read every sample once, `workers` at a time (decoders release the GIL), and return what was learnt; never
+    raises for bad files."""
     from tqdm import tqdm
 
-    loader = torch.utils.data.DataLoader(_ScanSet(samples, with_stats), batch_size=None, num_workers=workers,
-                                         collate_fn=as_is)
-    return list(tqdm(loader, total=len(samples), desc=desc, leave=False, dynamic_ncols=True,
-                     disable=len(samples) < 200))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(tqdm(pool.map(lambda s: inspect_sample(s, with_stats), samples), total=len(samples), desc=desc,
+                         leave=False, dynamic_ncols=True, disable=len(samples) < 200))
 
 
-def dataset_problems(infos: list[SampleInfo], labels: Labels | None, split: str) -> list[str]:
-    """Every problem that makes a split unusable for training, one line each."""
+def dataset_problems(infos: list[SampleInfo], labels: Labels | None, split: str, trained: bool = False
+                     ) -> list[str]:
+    """Every problem that makes a split unusable, one line each. trained: the labels are a trained model's, which
+    the masks must match (validation), rather than flags still to choose (training)."""
     problems = [i.error for i in infos if i.error]
     ok = [i for i in infos if not i.error]
     for attr, what in (("channels", "channels (image + extra bands)"), ("dtype", "pixel type")):
@@ -329,13 +358,15 @@ def dataset_problems(infos: list[SampleInfo], labels: Labels | None, split: str)
                                     f"{len(groups[common])} have {common}: {_more([m.image for m in members])}; "
                                     "convert them so every image has the same layout")
     if labels is not None:
-        problems += label_problems(ok, labels, split)
+        problems += label_problems(ok, labels, split, trained=trained)
     return problems
 
 
-def label_problems(infos: list[SampleInfo], labels: Labels, split: str, other_fix: str = "") -> list[str]:
-    """Mask values the labels do not cover (strict labels), and a training set without any class pixel.
-    other_fix: one more way out, appended to the uncovered-values message."""
+def label_problems(infos: list[SampleInfo], labels: Labels, split: str, other_fix: str = "",
+                   trained: bool = False) -> list[str]:
+    """Mask values the labels do not cover (strict labels), and masks that hold no class value at all: always an
+    error for training; for other splits when they hold other values instead (0/1 masks against 255, say).
+    other_fix: one more way out, appended to the uncovered-values message. trained: see dataset_problems."""
     known = labels.known()
     found = sorted({v for i in infos for v in i.mask_values})
     odd = {i.mask: sorted(v for v in i.mask_values if v not in known) for i in infos}
@@ -347,22 +378,28 @@ def label_problems(infos: list[SampleInfo], labels: Labels, split: str, other_fi
         hint = (" (many in-between values: JPEG or anti-aliased masks? save masks as PNG with exact values)"
                 if len(unlisted) > 10 else "")
         where = _more([f"{mask} ({_more(values, 4)})" for mask, values in odd.items()], 4)
+        if trained:
+            return [f"{split} mask values {_more(unlisted)} are unknown to the model, which was trained with "
+                    f"{labels.flag}, in {len(odd)} file(s): {where}; fix those masks, or evaluate without gt/"]
         problems.append(f"{split} masks hold label values {_more(unlisted)} not covered by {labels.flag}{hint}, in "
                         f"{len(odd)} file(s): {where}. If they are classes, pass --class-list \"{suggestion}\"; "
                         f"to leave them out of training pass --ignore-label VALUE; or fix those masks{other_fix}")
-    if split == "train" and infos and not any(v in found for v in labels.values):
-        problems.append(f"no training mask holds any of the class values {' '.join(map(str, labels.values))} "
-                        f"(values found: {_more(found)}); pass the right --class-list, e.g. --class-list \""
-                        f"{' '.join(str(v) for v in found if v != 0) or '255'}\"")
+    no_class = infos and not any(v in found for v in labels.values)
+    if no_class and (split == "train" or (unlisted and not labels.strict)):
+        fix = "" if trained else (f"pass the right --class-list, e.g. --class-list \""
+                                  f"{' '.join(str(v) for v in found if v != 0) or '255'}\", or ")
+        problems.append(f"no {split} mask holds any of the class values {' '.join(map(str, labels.values))} "
+                        f"(values found: {_more(found)}); {fix}make the {split} masks use the same label values "
+                        "as the training masks")
     return problems
 
 
-def unlisted_note(infos: list[SampleInfo], labels: Labels) -> str | None:
-    """With an explicit --class-list, name the values that are trained as background."""
+def unlisted_note(infos: list[SampleInfo], labels: Labels, split: str) -> str | None:
+    """With an explicit --class-list, name the values that count as background."""
     found = {v for i in infos for v in i.mask_values}
     rest = sorted(found - labels.known())
     if rest and not labels.strict:
-        return f"note: mask values {_more(rest)} are not in --class-list and are trained as background"
+        return f"note: {split} mask values {_more(rest)} are not in --class-list and count as background"
     return None
 
 
@@ -405,116 +442,138 @@ def fingerprint(samples: list[Sample]) -> str:
     return h.hexdigest()
 
 
-# --------------------------------------------------------------------------------------------------- RAM cache
-def available_memory() -> int | None:
-    """Bytes of memory available for new data (Linux), or None where unknown."""
+# ------------------------------------------------------------------------------------- checking a whole dataset
+@dataclass
+class DataSummary:
+    """What training needs to know about its data, from one checked pass over every file."""
+    channels: int
+    dtype: str
+    stats: ChannelStats
+    sizes: dict[str, list[tuple[int, int]]]  # split -> (height, width) per sample, in sample order
+    seconds: float
+
+    @property
+    def rgb8(self) -> bool:
+        return self.channels == 3 and self.dtype == "uint8"
+
+
+def check_splits(splits: dict[str, list[Sample]], labels: Labels, workers: int) -> DataSummary:
+    """Check every file of every split once and measure the training set (exact channel stats, sizes); all
+    problems of all splits are raised together."""
+    print(f"checking {sum(map(len, splits.values()))} samples ...", flush=True)
+    t0 = time.monotonic()
+    infos = {name: scan_samples(samples, with_stats=name == "train", workers=workers, desc=f"checking {name}")
+             for name, samples in splits.items()}
+    problems = [p for name, split_infos in infos.items() for p in dataset_problems(split_infos, labels, name)]
+    train_ok = [i for i in infos["train"] if not i.error]
+    layout = Counter((i.channels, i.dtype) for i in train_ok).most_common(1)[0][0] if train_ok else None
+    for name, split_infos in infos.items():
+        odd = [i.image for i in split_infos if not i.error and (i.channels, i.dtype) != layout]
+        if layout and name != "train" and odd:
+            problems.append(f"{name}: {len(odd)} image(s) differ from the training images ({layout[0]} channels, "
+                            f"{layout[1]}): {_more(odd, 4)}; convert them to the training layout")
+    if problems:
+        head = f"{len(problems)} problems in the dataset:\n  " if len(problems) > 1 else ""
+        raise UserError(head + "\n  ".join(problems))
+    for name, split_infos in infos.items():
+        note = unlisted_note(split_infos, labels, name)
+        if note:
+            print(note)
+    return DataSummary(layout[0], layout[1], channel_stats(infos["train"], labels),
+                       {name: [(i.height, i.width) for i in split_infos] for name, split_infos in infos.items()},
+                       round(time.monotonic() - t0, 2))
+
+
+def checked_splits(splits: dict[str, list[Sample]], labels: Labels, add_dirs: list[str], cache: Path,
+                   workers: int) -> DataSummary:
+    """check_splits, remembered in `cache` (a JSON file) under a key of the files' names, sizes and times, the labels
+    and the bands: an unchanged dataset is not read again when an experiment resumes."""
+    key = fingerprint([s for ss in splits.values() for s in ss]) + json.dumps([labels.to_meta(), add_dirs])
     try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = {}
+    if saved.get("key") == key:
+        data = saved["data"]
+        return DataSummary(data["channels"], data["dtype"], ChannelStats(**data["stats"]),
+                           {k: [tuple(s) for s in v] for k, v in data["sizes"].items()}, data["seconds"])
+    summary = check_splits(splits, labels, workers)
+    cache.parent.mkdir(parents=True, exist_ok=True)  # the experiment folder appears once its data is sound
+    write_text(cache, json.dumps({"key": key, "data": asdict(summary)}))
+    return summary
 
 
-class _Fill(torch.utils.data.Dataset):
-    """Decodes sample i straight into its slice of the shared buffer (in a loader worker)."""
-
-    def __init__(self, cache: "RamCache", samples: list[Sample], lut: np.ndarray):
-        self.cache, self.samples, self.lut = cache, samples, lut
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> int:
-        image, mask = read_sample(self.samples[i], self.lut)
-        view_image, view_mask = self.cache.views(i, writable=True)
-        view_image[...] = image.reshape(view_image.shape)
-        view_mask[...] = mask
-        return i
+# ------------------------------------------------------------------------------------------- normalisation
+def unit_scaling(stats: ChannelStats) -> tuple[np.ndarray, np.ndarray]:
+    """(low, 1 / range) per channel: maps the training set's exact value range onto [0, 1]."""
+    lo, hi = np.asarray(stats.min, np.float32), np.asarray(stats.max, np.float32)
+    return lo, (1.0 / np.where(hi > lo, hi - lo, 1.0)).astype(np.float32)
 
 
-class RamCache:
-    """Every sample decoded once into one shared-memory buffer (--cache ram): loader workers read views of it,
-    whatever the start method, so the dataset sits in memory once, not once per worker."""
-
-    def __init__(self, samples: list[Sample], lut: np.ndarray, sizes: list[tuple[int, int]], channels: int,
-                 dtype: str, workers: int):
-        itemsize = np.dtype(dtype).itemsize
-        self.dtype, self.entries, offset = np.dtype(dtype), [], 0
-        for h, w in sizes:  # (image offset, mask offset, h, w), each block 8-byte aligned
-            image_bytes = -(-h * w * channels * itemsize // 8) * 8
-            self.entries.append((offset, offset + image_bytes, h, w))
-            offset += image_bytes + -(-h * w // 8) * 8
-        self.channels = channels
-        free = available_memory()
-        if free is not None and offset > 0.8 * free:
-            raise UserError(f"--cache ram needs {offset / 2 ** 30:.1f} GB but {free / 2 ** 30:.1f} GB of memory are "
-                            "available; train without --cache")
-        self.buffer = torch.empty(offset, dtype=torch.uint8).share_memory_()
-        loader = torch.utils.data.DataLoader(_Fill(self, samples, lut), batch_size=None, num_workers=workers)
-        for _ in loader:
-            pass
-        self.nbytes = offset
-
-    def views(self, index: int, writable: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        start, mask_start, h, w = self.entries[index]
-        raw = self.buffer.numpy()
-        image = raw[start:start + h * w * self.channels * self.dtype.itemsize].view(self.dtype)
-        image = image.reshape(h, w, self.channels)
-        mask = raw[mask_start:mask_start + h * w].reshape(h, w)
-        if not writable:
-            image.flags.writeable = mask.flags.writeable = False
-        return image, mask
+def normalization(stats: ChannelStats, unit: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) per channel with normalised = x * scale + shift (zero mean, unit std over the training set),
+    for raw pixel values, or (unit=True) for values scaled to [0, 1] by unit_scaling."""
+    mean, std = np.asarray(stats.mean, np.float64), np.asarray(stats.std, np.float64)
+    if not unit:
+        return (1.0 / std).astype(np.float32), (-mean / std).astype(np.float32)
+    lo, hi = np.asarray(stats.min, np.float64), np.asarray(stats.max, np.float64)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    return (span / std).astype(np.float32), ((lo - mean) / std).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------------------------- torch Dataset
-class SegmentationDataset(torch.utils.data.Dataset):
-    """Samples as (image CHW float32 normalised to zero mean / unit std per channel, mask HW uint8 classes, index).
+# ----------------------------------------------------------------------------------------------- samples
+class SegmentationDataset:
+    """A map-style dataset for torch's DataLoader: item -> {"image": (H, W, C), "mask": (H, W) uint8 classes,
+    "index"} as numpy arrays, which the loader stacks into tensors. Images stay un-normalised (the model's first
+    layer normalises on the device, see model.Normalize): uint8 as it is, other types as float32.
 
-    Augmentations see 8-bit images as they are and other dtypes scaled to [0, 1] by the training set's exact
-    per-channel range (albumentations clips floats to [0, 1]); one per-channel affine then normalises either.
-    A key may be (index, seed): the sample's augmentation is drawn from that seed alone, which makes an epoch
-    reproducible whatever the number of workers, and a resumed run identical to an uninterrupted one.
+    With a transform (training), non-uint8 images are augmented scaled to [0, 1] by the training set's exact
+    per-channel range (albumentations clips floats to [0, 1]), and come out in that unit scale. A key may be
+    (index, seed): the sample's augmentation is drawn from that seed alone, which makes an epoch reproducible
+    whatever the number of workers, and a resumed run identical to an uninterrupted one.
+    thumbnails: add "thumb", an 8-bit RGB picture of the image, for plots.
     """
 
-    def __init__(self, samples: list[Sample], labels: Labels, stats: ChannelStats, transform=None,
-                 cache: RamCache | None = None):
+    def __init__(self, samples: list[Sample], labels: Labels, stats: ChannelStats, transform=None, cache=None,
+                 thumbnails: bool = False):
         self.samples = samples
         self.lut = labels.lut()
-        self.transform, self.cache = transform, cache
-        mean, std = np.asarray(stats.mean, np.float32), np.asarray(stats.std, np.float32)
-        lo, hi = np.asarray(stats.min, np.float32), np.asarray(stats.max, np.float32)
-        self.lo, self.inv_range = lo, 1.0 / np.where(hi > lo, hi - lo, 1.0)
-        # normalised = x * scale + shift, for raw pixels or for range-scaled ones out of the augmentations
-        self.scale_raw, self.shift_raw = 1.0 / std, -mean / std
-        self.scale01, self.shift01 = (1.0 / self.inv_range) / std, (lo - mean) / std
+        self.transform, self.cache, self.thumbnails = transform, cache, thumbnails
+        self.lo, self.inv_range = unit_scaling(stats)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The raw (H, W, C) image and (H, W) class-index mask (zeros when the sample has no mask)."""
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The raw (H, W, C) image and (H, W) class-index mask (None when the sample has no mask)."""
         if self.cache is not None:
             return self.cache.views(index)
         image, mask = read_sample(self.samples[index], self.lut)
-        return image, (mask if mask is not None else np.zeros(image.shape[:2], np.uint8))
+        return image.reshape(*image.shape[:2], -1), mask
 
     def augment(self, index: int, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The sample after the transform, in the augmentation domain (uint8, or float32 in [0, 1]);
-        without a transform, the raw sample."""
+        """The sample after the transform: uint8, or float32 in [0, 1]."""
         image, mask = self.load(index)
-        if self.transform is None:
-            return image, mask
+        mask = np.zeros(image.shape[:2], np.uint8) if mask is None else mask
         if image.dtype != np.uint8:
             image = np.clip((image.astype(np.float32) - self.lo) * self.inv_range, 0, 1, dtype=np.float32)
         if seed is not None:
             self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
         out = self.transform(image=image, mask=mask)
-        return out["image"], out["mask"]
+        return out["image"].reshape(*out["image"].shape[:2], -1), out["mask"]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        image, mask = self.augment(index, seed)
-        raw = self.transform is None or image.dtype == np.uint8
-        scale, shift = (self.scale_raw, self.shift_raw) if raw else (self.scale01, self.shift01)
-        image = image.reshape(*image.shape[:2], -1).astype(np.float32) * scale + shift
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.from_numpy(mask), index
+        if self.transform is not None:
+            image, mask = self.augment(index, seed)
+        else:
+            image, mask = self.load(index)
+            image = image if image.dtype == np.uint8 else image.astype(np.float32)
+        item = {"image": np.ascontiguousarray(image), "index": index}
+        if mask is not None:
+            item["mask"] = np.ascontiguousarray(mask)
+        if self.thumbnails:
+            from visualize import to_rgb8
+
+            item["thumb"] = to_rgb8(image)
+        return item

@@ -1,10 +1,29 @@
 """User-facing errors: one exception type for mistakes a user can fix, printed as one line without a traceback."""
+import errno
+import os
 import sys
 from collections.abc import Callable
+
+# Failures of the machine rather than of segkit: said in one line, like a user's mistake, because the fix is theirs.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC: "the disk is full: free space or write elsewhere",
+                       errno.EDQUOT: "the disk quota is exceeded: free space or write elsewhere",
+                       errno.EROFS: "the file system is read-only: write elsewhere",
+                       errno.EACCES: "permission denied: write elsewhere or fix the permissions"}
 
 
 class UserError(Exception):
     """A mistake in the user's data or flags; the message names the file or flag and the fix."""
+
+
+def is_main_process() -> bool:
+    """False in the ranks > 0 of a torchrun job: they stay quiet so a message is printed once."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def warn(message: str) -> None:
+    """A legitimate but suspicious choice: one `warning:` line on stderr."""
+    if is_main_process():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
@@ -12,9 +31,24 @@ def run_cli(main: Callable[[], int | None]) -> None:
     try:
         code = main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _fail(str(e))
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        _fail(f"{e.filename or 'writing'}: {_ENVIRONMENT_ERRNOS[e.errno]}")
+    except MemoryError:
+        _fail("out of memory: use a smaller --batch-size or --image-size / --tile-size")
+    except RuntimeError as e:  # torch.OutOfMemoryError, named so torch need not be imported here
+        if type(e).__name__ != "OutOfMemoryError":
+            raise
+        _fail("out of GPU memory: use a smaller --batch-size or --image-size / --tile-size, or --amp bf16")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def _fail(message: str) -> None:
+    if is_main_process():
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)

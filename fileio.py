@@ -6,6 +6,7 @@ else through OpenCV's imdecode/imencode on bytes, so paths with non-ASCII charac
 """
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +40,8 @@ def _read_tiff(path: Path) -> np.ndarray:
     elif data.ndim > 3 or (data.ndim == 3 and axes[:2] != "YX"):
         raise UserError(f"{path}: unsupported TIFF layout (axes {axes}, shape {data.shape}); save one image per "
                         "file as height x width x bands")
+    if data.dtype == bool:  # 1-bit TIFF: black and white, as viewers show it
+        data = data.astype(np.uint8) * 255
     return np.ascontiguousarray(data)
 
 
@@ -61,7 +64,10 @@ def read_image(path: Path, palette_indices: bool = False) -> np.ndarray:
 
             with Image.open(path) as im:
                 return np.asarray(im)
-        data = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+        # JPEGs are turned upright by their EXIF orientation (IMREAD_UNCHANGED would ignore it); they hold no alpha
+        # or high bit depth for the other flags to lose.
+        jpeg = path.suffix.lower() in (".jpg", ".jpeg")
+        data = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_ANYCOLOR if jpeg else cv2.IMREAD_UNCHANGED)
     except UserError:
         raise
     except FileNotFoundError:
@@ -100,6 +106,53 @@ def atomic_output(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def scratch_folder(beside: Path) -> Iterator[Path]:
+    """A new hidden folder next to `beside` (same file system, so its files can be renamed into place), removed
+    with whatever is left in it when the block ends, normally or not. Tools fill it, then move or rename the
+    results into place: an interrupted run leaves nothing half-written among the user's files."""
+    beside = Path(beside)
+    try:
+        beside.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{beside.name}.", suffix=".tmp", dir=beside.parent))
+    except OSError as e:
+        raise UserError(f"{beside}: cannot write next to it ({e.strerror}); choose another output folder") from None
+    folder.chmod(0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; a folder renamed into place gets the usual mode
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def publish_folder(scratch: Path, target: Path) -> None:
+    """Rename a filled scratch folder to `target`, which must not exist or be an empty folder."""
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    scratch.rename(target)
+
+
+def output_folder(path: Path, flag: str) -> Path:
+    """Create an output folder (and its parents) and prove it writable, or say which flag to change."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder; choose a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror}); choose another folder") from None
+    return path
+
+
+def output_file(path: Path, flag: str) -> Path:
+    """Check, before any work, that a file can be written at `path` (its folder is created)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    output_folder(path.parent, flag)
+    return path
 
 
 def write_text(path: Path, text: str) -> None:

@@ -1,21 +1,32 @@
-"""Prediction on images of any size: whole images padded to a multiple of 32, or a sliding window with Gaussian
-blending of logits for images larger than the tile; optional flip / D4 test-time augmentation.
+"""One inference path, from a trained model to probabilities and masks, for training's validation, validate.py,
+predict.py, export.py and serve.py alike.
 
-Outputs always have the input's height and width. Memory on the model's device is bounded by the tile batch; the
-blended output lives on the device of the input image (keep huge images on the CPU).
+    predictor = Predictor.load("logs/exp", device="cuda")          # a checkpoint, experiment or exported bundle
+    result = predictor.predict(image)                                # (H, W, C) as read from disk -> Prediction
+
+A Predictor holds the model's metadata and a runner: TorchRunner (a checkpoint, PyTorch on any device) or
+OnnxRunner (an exported bundle, onnxruntime without torch). The algorithm is written once over the runner's few
+array operations: images up to the tile size go whole (padded to a multiple of 32), in batches; larger ones slide
+a tile with Gaussian-weighted blending of logits, streamed in bands of rows so a raster of any size is predicted in
+bounded memory; flips or the 8 D4 transforms as test-time augmentation; --resize models stretch to their training
+size and back. Inputs are raw pixel values (N, C, H, W): the model normalises them itself.
 """
-import contextlib
-import functools
 import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+import numpy as np
+
+from checkpoint import ModelMeta
+from errors import UserError, warn
+from raster import tile_starts
 
 TTA_MODES = ("none", "flip", "d4")
+BUNDLE_META = "segkit.json"  # the metadata file of an exported bundle, beside model.onnx
 
 
-def _d4_ops(mode: str) -> list[tuple[int, bool]]:
+def tta_ops(mode: str) -> list[tuple[int, bool]]:
     """(quarter turns, horizontal flip) pairs of the TTA group."""
     if mode == "none":
         return [(0, False)]
@@ -24,94 +35,327 @@ def _d4_ops(mode: str) -> list[tuple[int, bool]]:
     return [(k, f) for k in range(4) for f in (False, True)]
 
 
-def forward_tta(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """Mean of the model's logits over the TTA transforms, each undone on the output."""
-    out = None
-    ops = _d4_ops(tta)
-    for k, flip in ops:
-        t = x.flip(-1) if flip else x
-        t = torch.rot90(t, k, (-2, -1)) if k else t
-        y = model(t).float()
-        y = torch.rot90(y, -k, (-2, -1)) if k else y
-        y = y.flip(-1) if flip else y
-        out = y if out is None else out + y
-    return out / len(ops)
+def gaussian_window(height: int, width: int) -> np.ndarray:
+    """Weights peaking at the tile centre (sigma = side / 8), floored so edge pixels still count a little."""
+    def g(n: int) -> np.ndarray:
+        r = np.arange(n, dtype=np.float32) - (n - 1) / 2
+        return np.exp(-(r ** 2) / (2 * (n / 8) ** 2))
+
+    w = g(height)[:, None] * g(width)[None, :]
+    return np.maximum(w / w.max(), 1e-3).astype(np.float32)
 
 
-def _pad(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Pad bottom/right to (height, width); mirrored where the image is big enough, zeros (the mean) otherwise."""
-    ph, pw = height - x.shape[-2], width - x.shape[-1]
-    if ph == 0 and pw == 0:
+# ---------------------------------------------------------------------------------------------------- runners
+class TorchRunner:
+    """A model in PyTorch on a device, under autocast when amp is a dtype; arrays are torch tensors there."""
+
+    def __init__(self, model, device, amp=None, channels_last: bool = False):
+        import torch
+        import torch.nn.functional as F
+
+        self.torch, self.F = torch, F
+        self.model, self.device, self.amp = model, torch.device(device), amp
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model.to(memory_format=self.memory_format)
+        self.windows: dict = {}
+
+    def asarray(self, images):
+        """(N, H, W, C) numpy or tensor -> (N, C, H, W) on the device: with channels last, a view, not a copy."""
+        if isinstance(images, np.ndarray) and images.dtype not in (np.uint8, np.float32):
+            images = images.astype(np.float32)  # e.g. uint16, which few torch kernels take
+        x = self.torch.as_tensor(images).to(self.device, non_blocking=True)
+        return x.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)
+
+    def numpy(self, x) -> np.ndarray:
+        return x.float().cpu().numpy()
+
+    def forward(self, x):
+        with self.torch.no_grad():
+            if self.amp is None:
+                return self.model(x.contiguous(memory_format=self.memory_format)).float()
+            with self.torch.autocast(self.device.type, dtype=self.amp):
+                return self.model(x.contiguous(memory_format=self.memory_format)).float()
+
+    def flip(self, x):
+        return x.flip(-1)
+
+    def rot90(self, x, k: int):
+        return self.torch.rot90(x, k, (-2, -1))
+
+    def pad(self, x, height: int, width: int):
+        ph, pw = height - x.shape[-2], width - x.shape[-1]
+        if ph == 0 and pw == 0:
+            return x
+        mode = "reflect" if ph < x.shape[-2] and pw < x.shape[-1] else "replicate"
+        return self.F.pad(x.float(), (0, pw, 0, ph), mode=mode)
+
+    def resize(self, x, height: int, width: int):
+        return self.F.interpolate(x.float(), (height, width), mode="bilinear", align_corners=False)
+
+    def zeros(self, shape: tuple):
+        return self.torch.zeros(shape, dtype=self.torch.float32, device=self.device)
+
+    def window(self, height: int, width: int):
+        if (height, width) not in self.windows:
+            self.windows[height, width] = self.torch.from_numpy(gaussian_window(height, width)).to(self.device)
+        return self.windows[height, width]
+
+    def cat(self, parts: list, dim: int):
+        return self.torch.cat(parts, dim)
+
+    def stack(self, parts: list):
+        return self.torch.stack(parts)
+
+    def activate(self, logits, binary: bool):
+        return self.torch.sigmoid(logits) if binary else self.torch.softmax(logits, 1)
+
+
+class OnnxRunner:
+    """An exported model.onnx in onnxruntime; arrays are numpy."""
+
+    def __init__(self, path: Path, providers: list[str] | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError("onnxruntime is not installed: pip install -r requirements-infer.txt") from None
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # its warnings about unused initialisers are not the user's concern
+        providers = providers or ort.get_available_providers()
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # noqa: BLE001 -- onnxruntime raises its own types for broken files
+            raise UserError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:160]}); export the "
+                            "model again with export.py") from None
+        self.input = self.session.get_inputs()[0].name
+        self.device = "cpu"
+
+    def asarray(self, images) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2))
+
+    def numpy(self, x) -> np.ndarray:
         return x
-    mode = "reflect" if ph < x.shape[-2] and pw < x.shape[-1] else "constant"
-    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0].astype(np.float32)
+
+    def flip(self, x):
+        return x[..., ::-1]
+
+    def rot90(self, x, k: int):
+        return np.rot90(x, k, axes=(-2, -1))
+
+    def pad(self, x, height: int, width: int):
+        ph, pw = height - x.shape[-2], width - x.shape[-1]
+        if ph == 0 and pw == 0:
+            return x
+        mode = "reflect" if ph < x.shape[-2] and pw < x.shape[-1] else "edge"
+        return np.pad(x.astype(np.float32), [(0, 0)] * (x.ndim - 2) + [(0, ph), (0, pw)], mode=mode)
+
+    def resize(self, x, height: int, width: int):
+        import cv2
+
+        n, c = x.shape[:2]
+        out = np.empty((n, c, height, width), np.float32)
+        for i in range(n):  # cv2 takes channels last; bilinear with half-pixel centres like torch
+            out[i] = cv2.resize(x[i].transpose(1, 2, 0).astype(np.float32), (width, height),
+                                interpolation=cv2.INTER_LINEAR).reshape(height, width, c).transpose(2, 0, 1)
+        return out
+
+    def zeros(self, shape: tuple):
+        return np.zeros(shape, np.float32)
+
+    def window(self, height: int, width: int):
+        return gaussian_window(height, width)
+
+    def cat(self, parts: list, dim: int):
+        return np.concatenate(parts, dim)
+
+    def stack(self, parts: list):
+        return np.stack(parts)
+
+    def activate(self, logits, binary: bool):
+        if binary:
+            return 1 / (1 + np.exp(-logits))
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
 
 
-@functools.lru_cache(maxsize=8)
-def gaussian_window(tile: int, device: torch.device) -> torch.Tensor:
-    """Weights peaking at the tile centre (sigma = tile/8), floored so edge pixels still count a little."""
-    r = torch.arange(tile, dtype=torch.float32, device=device) - (tile - 1) / 2
-    g = torch.exp(-(r ** 2) / (2 * (tile / 8) ** 2))
-    w = g[:, None] * g[None, :]
-    return (w / w.max()).clamp_min(1e-3)
+# -------------------------------------------------------------------------------------------------- predictor
+@dataclass
+class Prediction:
+    """One image's result at its own size."""
+    probs: np.ndarray  # (K, H, W) float32: the foreground probability (binary, K = 1) or one per class
+    classes: np.ndarray  # (H, W) uint8 class indices (0 = background)
+    mask: np.ndarray  # (H, W) the classes in the dataset's own label values (0/255, or the class values)
 
 
-def tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Tile offsets covering [0, length): regular steps, the last one flush with the end."""
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile + 1, stride))
-    if starts[-1] != length - tile:
-        starts.append(length - tile)
-    return starts
+@dataclass
+class Predictor:
+    meta: ModelMeta
+    runner: TorchRunner | OnnxRunner
+    tile_size: int
+    overlap: float = 0.5
+    tta: str = "none"
+    batch_size: int = 8
+    threshold: float = 0.5
+    min_size: int = 32  # the architecture's smallest input side
 
+    # ---------------------------------------------------------------------------------------------- building
+    @classmethod
+    def load(cls, path: Path, device: str | None = None, amp: str = "auto", **settings) -> "Predictor":
+        """From a best.pth / last.pth, an experiment folder (its best.pth), or an exported bundle (its folder,
+        model.onnx or segkit.json). settings: tile_size, overlap, tta, batch_size, threshold (None: the model's)."""
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"-m {path}: not found; give a best.pth, an experiment folder or an exported bundle")
+        bundle = path if path.is_dir() else path.parent
+        if (bundle / BUNDLE_META).is_file() and (path.is_dir() or path.suffix in (".onnx", ".json")):
+            return cls.from_bundle(bundle, **settings)
+        if path.is_dir():
+            best = next((path / n for n in ("best.pth", "last.pth") if (path / n).is_file()), None)
+            if best is None:
+                raise UserError(f"-m {path}: neither a segkit experiment (no best.pth) nor an exported bundle "
+                                f"(no {BUNDLE_META})")
+            path = best
+        return cls.from_checkpoint(path, device, amp, **settings)
 
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, tile_size: int, overlap: float = 0.5, tta: str = "none",
-            batch_size: int = 8, autocast=contextlib.nullcontext, min_size: int = 32,
-            resize_to: int | None = None) -> torch.Tensor:
-    """(N, C, H, W) normalised images -> (N, K, H, W) float32 logits, on the images' device.
+    @classmethod
+    def from_checkpoint(cls, path: Path, device: str | None = None, amp: str = "auto", **settings) -> "Predictor":
+        import checkpoint
+        from model import Segmenter, min_input_size, model_from_meta
+        from runtime import amp_dtype, channels_last, select_device
 
-    Images that fit in tile_size x tile_size are run whole (padded to a multiple of 32 and to at least min_size,
-    the batch at once); larger ones slide a tile_size window with the given overlap, tiles batched by batch_size.
-    resize_to: for models trained with --resize, images are stretched to that square and the logits back.
-    """
-    h, w = images.shape[-2:]
-    device = next(model.parameters()).device
-    if resize_to:
-        x = F.interpolate(images.to(device, non_blocking=True).float(), (resize_to, resize_to), mode="bilinear",
-                          align_corners=False)
-        with autocast():
-            logits = forward_tta(model, x, tta)
-        return F.interpolate(logits, (h, w), mode="bilinear", align_corners=False).to(images.device)
-    if h <= tile_size and w <= tile_size:
-        x = _pad(images.to(device, non_blocking=True), max(min_size, math.ceil(h / 32) * 32),
-                 max(min_size, math.ceil(w / 32) * 32))
-        with autocast():
-            return forward_tta(model, x, tta)[..., :h, :w].to(images.device)
-    return torch.cat([_slide(model, img, tile_size, overlap, tta, batch_size, autocast) for img in images])
+        ckpt = checkpoint.load(path)
+        dev = select_device(device=device)
+        model = Segmenter(model_from_meta(ckpt.meta, ckpt.model), ckpt.meta.stats).to(dev).eval()
+        runner = TorchRunner(model, dev, amp_dtype(amp, dev), channels_last(dev))
+        return cls.create(ckpt.meta, runner, min_input_size(ckpt.meta.arch), **settings)
 
+    @classmethod
+    def from_bundle(cls, folder: Path, providers: list[str] | None = None, **settings) -> "Predictor":
+        import json
 
-def _slide(model, image, tile, overlap, tta, batch_size, autocast) -> torch.Tensor:
-    device = next(model.parameters()).device
-    _, h, w = image.shape
-    padded = _pad(image[None], max(h, tile), max(w, tile))[0]
-    ph, pw = padded.shape[-2:]
-    stride = max(1, int(tile * (1 - overlap)))
-    boxes = [(y, x) for y in tile_starts(ph, tile, stride) for x in tile_starts(pw, tile, stride)]
-    weight = gaussian_window(tile, device)
-    weight_here = weight.to(image.device)  # huge images are blended in host memory: copy the window there once
-    out = norm = None
-    for i in range(0, len(boxes), batch_size):
-        chunk = boxes[i:i + batch_size]
-        tiles = torch.stack([padded[:, y:y + tile, x:x + tile] for y, x in chunk]).to(device, non_blocking=True)
-        with autocast():
-            logits = forward_tta(model, tiles, tta) * weight
-        logits = logits.to(image.device)
-        if out is None:
-            out = torch.zeros((logits.shape[1], ph, pw), dtype=torch.float32, device=image.device)
-            norm = torch.zeros((ph, pw), dtype=torch.float32, device=image.device)
-        for (y, x), t in zip(chunk, logits, strict=True):
-            out[:, y:y + tile, x:x + tile] += t
-            norm[y:y + tile, x:x + tile] += weight_here
-    return (out / norm)[None, :, :h, :w]
+        folder = Path(folder)
+        try:
+            info = json.loads((folder / BUNDLE_META).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{folder / BUNDLE_META}: not a readable bundle description ({e})") from None
+        meta = ModelMeta.from_dict(info.get("meta"), str(folder / BUNDLE_META))
+        runner = OnnxRunner(folder / info.get("model", "model.onnx"), providers)
+        return cls.create(meta, runner, int(info.get("min_size", 32)), **settings)
+
+    @classmethod
+    def create(cls, meta: ModelMeta, runner, min_size: int = 32, tile_size: int | None = None,
+               threshold: float | None = None, **settings) -> "Predictor":
+        """A Predictor with the model's own defaults for what is not given (None)."""
+        settings = {k: v for k, v in settings.items() if v is not None}
+        return cls(meta, runner, tile_size or meta.val_tile_size, threshold=meta.threshold if threshold is None
+                   else threshold, min_size=min_size, **settings)
+
+    def __post_init__(self):
+        if self.tile_size % 32 or self.tile_size < self.min_size:
+            raise UserError(f"--tile-size {self.tile_size} must be a multiple of 32 and at least {self.min_size}")
+        if not 0 <= self.overlap < 1:
+            raise UserError(f"--overlap {self.overlap} must be at least 0 and below 1")
+        if self.tta not in TTA_MODES:
+            raise UserError(f"--tta {self.tta}: choose one of {', '.join(TTA_MODES)}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size} must be at least 1")
+        if not 0 < self.threshold < 1:
+            raise UserError(f"--threshold {self.threshold} must be between 0 and 1")
+
+    # --------------------------------------------------------------------------------------------- logits
+    def logits(self, x):
+        """(N, C, H, W) raw pixels as runner arrays -> (N, K, H, W) float32 logits at the same size."""
+        r, (h, w) = self.runner, x.shape[-2:]
+        if self.meta.resize:
+            size = self.meta.image_size
+            return r.resize(self.forward_tta(r.resize(x, size, size)), h, w)
+        if h <= self.tile_size and w <= self.tile_size:
+            return self.forward_tta(r.pad(x, self._fit(h), self._fit(w)))[..., :h, :w]
+        return r.stack([self.slide(image) for image in x])
+
+    def _fit(self, side: int) -> int:
+        return max(self.min_size, math.ceil(side / 32) * 32)
+
+    def forward_tta(self, x):
+        """Mean of the model's logits over the TTA transforms, each undone on the output."""
+        r, out = self.runner, None
+        ops = tta_ops(self.tta)
+        for k, flip in ops:
+            t = r.flip(x) if flip else x
+            y = r.forward(r.rot90(t, k) if k else t)
+            y = r.rot90(y, -k) if k else y
+            y = r.flip(y) if flip else y
+            out = y if out is None else out + y
+        return out / len(ops) if len(ops) > 1 else out
+
+    def slide(self, image):
+        """(C, H, W) -> (K, H, W) logits of an image larger than the tile, by bands of rows."""
+        bands = self.bands(lambda y, x, h, w: image[:, y:y + h, x:x + w], *image.shape[-2:])
+        return self.runner.cat([band for _, _, band in bands], 1)
+
+    def bands(self, read: Callable[[int, int, int, int], object], height: int, width: int
+              ) -> Iterator[tuple[int, int, object]]:
+        """Slide the tile over a height x width image whose windows read(y, x, h, w) returns as (C, h, w) runner
+        arrays; yield (y0, y1, logits of rows y0..y1 as (K, y1 - y0, width)) top to bottom, each band as soon as no
+        later tile touches it. Memory: one row of tiles and a tile-high band of logits."""
+        r = self.runner
+        th, tw = min(self.tile_size, self._fit(height)), min(self.tile_size, self._fit(width))
+        ys = tile_starts(height, th, max(1, int(th * (1 - self.overlap))))
+        xs = tile_starts(width, tw, max(1, int(tw * (1 - self.overlap))))
+        weight, span = r.window(th, tw), max(width, tw)
+        acc = norm = None
+        for i, y in enumerate(ys):  # acc and norm hold image rows y .. y + th
+            h = min(th, height - y)
+            tiles = [r.pad(read(y, x, h, min(tw, width - x)), th, tw) for x in xs]
+            for j in range(0, len(tiles), self.batch_size):
+                logits = self.forward_tta(r.stack(tiles[j:j + self.batch_size])) * weight
+                if acc is None:
+                    acc, norm = r.zeros((logits.shape[1], th, span)), r.zeros((th, span))
+                for x, t in zip(xs[j:j + self.batch_size], logits, strict=True):
+                    acc[:, :, x:x + tw] += t
+                    norm[:, x:x + tw] += weight
+            end = ys[i + 1] if i + 1 < len(ys) else height
+            yield y, end, acc[:, :end - y, :width] / norm[:end - y, :width]
+            done = end - y  # final rows, dropped; the next tile row starts at end
+            acc = r.cat([acc[:, done:], r.zeros((acc.shape[0], done, span))], 1)
+            norm = r.cat([norm[done:], r.zeros((done, span))], 0)
+
+    # ---------------------------------------------------------------------------------------------- results
+    def probabilities(self, logits):
+        return self.runner.activate(logits, self.meta.binary)
+
+    def classes(self, probs):
+        """(N, K, H, W) probabilities -> (N, H, W) class indices, the threshold deciding binary models."""
+        return (probs[:, 0] > self.threshold) * 1 if self.meta.binary else probs.argmax(1)
+
+    def predict(self, image: np.ndarray) -> Prediction:
+        """One (H, W, C) image as read from disk (bands stacked) -> its Prediction."""
+        probs = self.runner.numpy(self.probabilities(self.logits(self.runner.asarray(image[None]))))
+        classes = self.classes(probs)[0].astype(np.uint8)
+        return Prediction(probs[0], classes, self.meta.labels.label_values()[classes])
+
+    # ---------------------------------------------------------------------------------------------- input
+    def input_problem(self, name: str, channels: int, dtype: str, low: float | None = None,
+                      high: float | None = None) -> str | None:
+        """Why an image cannot go through this model (an error message), or None; warns where its pixel type
+        differs from the training images' but its values lie in their range."""
+        meta = self.meta
+        if channels != meta.in_channels:
+            bands = f" (image channels + {len(meta.add_dirs)} band(s): {', '.join(meta.add_dirs)})" if \
+                meta.add_dirs else ""
+            return (f"{name}: {channels} channel(s), but the model was trained on {meta.in_channels}{bands}; give "
+                    "images with the training layout")
+        if dtype == meta.dtype:
+            return None
+        lo, hi = min(meta.stats.min), max(meta.stats.max)
+        span = max(hi - lo, 1e-6)
+        inside = low is not None and high is not None and lo - span / 2 <= low and high <= hi + span / 2
+        if inside or (low is None and np.dtype(dtype).kind == np.dtype(meta.dtype).kind == "f"):
+            warn(f"{name} is {dtype} but the model was trained on {meta.dtype} images; its values lie in the "
+                 "training range, so it is used as it is")
+            return None
+        seen = f" with values {low:g}..{high:g}" if low is not None else ""
+        return (f"{name} is {dtype}{seen}, but the model was trained on {meta.dtype} images (values {lo:g}..{hi:g}); "
+                f"convert the images to {meta.dtype} as the training data was, or train on such images")

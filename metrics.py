@@ -1,4 +1,5 @@
-"""Metrics from confusion matrices accumulated on the device over a whole set (never averaged per batch).
+"""Metrics from confusion matrices accumulated on the device over a whole set (never averaged per batch), shared by
+training's validation and validate.py.
 
 mIoU is the mean IoU over the foreground classes (background, class 0, left out), over classes that occur in the
 truth or the prediction; IGNORE_INDEX pixels count nowhere.
@@ -15,36 +16,35 @@ def predict_classes(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tenso
     return logits.argmax(1)
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(C, C) int64 counts, rows = truth, columns = prediction."""
-    target = target.long()
-    valid = target != IGNORE_INDEX
-    idx = target[valid] * num_classes + pred[valid]
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
 def per_image_confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(N, C, C) confusion matrix of each image of a batch, in one bincount."""
+    """(N, C, C) confusion matrix of each image of a batch (rows truth, columns prediction), in one bincount."""
     n = target.shape[0]
     target = target.long().reshape(n, -1)
-    pred = pred.reshape(n, -1)
+    pred = pred.long().reshape(n, -1)
     valid = target != IGNORE_INDEX
     image = torch.arange(n, device=target.device)[:, None].expand_as(target)
     idx = (image * num_classes + target) * num_classes + pred
     return torch.bincount(idx[valid], minlength=n * num_classes ** 2).reshape(n, num_classes, num_classes)
 
 
-def iou_per_class(cm: torch.Tensor) -> torch.Tensor:
-    """IoU of each class from (..., C, C) counts; NaN where a class is absent from truth and prediction."""
+def class_scores(cm: torch.Tensor) -> dict[str, torch.Tensor]:
+    """IoU, precision, recall and F1 of each class from (..., C, C) counts; NaN where a score is undefined (the
+    class absent from truth and prediction)."""
     cm = cm.double()
     tp = cm.diagonal(dim1=-2, dim2=-1)
-    union = cm.sum(-1) + cm.sum(-2) - tp
-    return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+    predicted, actual = cm.sum(-2), cm.sum(-1)
+
+    def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+        return torch.where(den > 0, num / den.clamp_min(1), torch.full_like(num, float("nan")))
+
+    return {"iou": ratio(tp, predicted + actual - tp), "precision": ratio(tp, predicted),
+            "recall": ratio(tp, actual), "f1": ratio(2 * tp, predicted + actual)}
 
 
 def mean_foreground_iou(cm: torch.Tensor, empty: float = 1.0) -> torch.Tensor:
-    """mIoU over foreground classes; `empty` where no foreground class occurs at all (a correct empty image)."""
-    fg = iou_per_class(cm)[..., 1:]
+    """mIoU over the foreground classes present, for (..., C, C) counts; `empty` where none is present (1: an image
+    without foreground, predicted without foreground, is right)."""
+    fg = class_scores(cm)["iou"][..., 1:]
     present = ~fg.isnan()
     total = torch.where(present, fg, torch.zeros_like(fg)).sum(-1)
     count = present.sum(-1)
@@ -54,20 +54,37 @@ def mean_foreground_iou(cm: torch.Tensor, empty: float = 1.0) -> torch.Tensor:
 def summarize(cm: torch.Tensor) -> dict:
     """Plain-number metrics of a (C, C) confusion matrix: mIoU, per-class IoU / F1 / precision / recall, accuracy."""
     cm = cm.double().cpu()
-    tp = cm.diagonal()
-    predicted, actual = cm.sum(0), cm.sum(1)
-    nan = float("nan")
-    precision = [float(t / p) if p > 0 else nan for t, p in zip(tp, predicted, strict=True)]
-    recall = [float(t / a) if a > 0 else nan for t, a in zip(tp, actual, strict=True)]
-    f1 = [float(2 * t / (p + a)) if p + a > 0 else nan for t, p, a in zip(tp, predicted, actual, strict=True)]
-    iou = iou_per_class(cm)
-    fg = iou[1:][~iou[1:].isnan()]
+    scores = class_scores(cm)
+    total = cm.sum()
     return {
-        "miou": float(fg.mean()) if len(fg) else nan,
-        "per_class_iou": [float(v) for v in iou],
-        "f1": f1,
-        "precision": precision,
-        "recall": recall,
-        "accuracy": float(tp.sum() / cm.sum()) if cm.sum() > 0 else nan,
+        "miou": float(mean_foreground_iou(cm, empty=float("nan"))),
+        "per_class_iou": scores["iou"].tolist(),
+        "f1": scores["f1"].tolist(),
+        "precision": scores["precision"].tolist(),
+        "recall": scores["recall"].tolist(),
+        "accuracy": float(cm.diagonal().sum() / total) if total > 0 else float("nan"),
         "confusion_matrix": cm.long().tolist(),
     }
+
+
+class ConfusionMatrix:
+    """The one meter of training's validation and validate.py: counts over a whole set on the device, per-image
+    counts on the way, and a sum across the processes of a torchrun job."""
+
+    def __init__(self, num_classes: int, device: torch.device):
+        self.num_classes = num_classes
+        self.mat = torch.zeros((num_classes, num_classes), dtype=torch.long, device=device)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Add a batch of (N, H, W) predicted and true class indices; returns the (N, C, C) per-image counts."""
+        per_image = per_image_confusion(pred, target, self.num_classes)
+        self.mat += per_image.sum(0)
+        return per_image
+
+    def all_reduce(self) -> None:
+        """Sum the counts of every process (a no-op outside torchrun)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.mat)
+
+    def compute(self) -> dict:
+        return summarize(self.mat)

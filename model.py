@@ -1,4 +1,5 @@
-"""Models and checkpoints: the architecture registry, encoder weights policy, and the one checkpoint format."""
+"""Models: the architecture registry, the encoder weights policy, building a model from its metadata, and the
+normalisation every model input goes through first (on the device)."""
 import difflib
 import socket
 import sys
@@ -10,12 +11,9 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
+from checkpoint import ModelMeta, read_weights
+from dataset import ChannelStats, normalization
 from errors import UserError
-from fileio import atomic_output
-
-SEGKIT_VERSION = "0.1.0"
-CHECKPOINT_FORMAT = "segkit-checkpoint"
-CHECKPOINT_VERSION = 1
 
 ARCHITECTURES = {
     "unet": smp.Unet,
@@ -102,22 +100,7 @@ def _adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
 def load_weights_file(model: nn.Module, path: Path, in_channels: int) -> str:
     """Load a local weights file into the model: a segkit checkpoint (all matching tensors), or an encoder state
     dict (`.pth`/`.pt`/`.bin`/`.safetensors`, keys with or without an `encoder.` prefix)."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- any failure to read it is the file's problem
-        raise UserError(f"--encoder-weights {path}: cannot be loaded as weights ({type(e).__name__}: "
-                        f"{str(e)[:100]})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"--encoder-weights {path}: not a state dict of tensors")
+    state = read_weights(path)
     own = model.state_dict()
     loaded, skipped = {}, []
     for key, value in state.items():
@@ -209,35 +192,35 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-# ---------------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write a checkpoint atomically: a killed run leaves the previous file intact, never a torn one."""
-    with atomic_output(path) as tmp:
-        torch.save(state, tmp)
+# --------------------------------------------------------------------------------------------------- inference
+class Normalize(nn.Module):
+    """x * scale + shift per channel, in float32 on the device: zero mean and unit std over the training set.
+    Inputs arrive as stored (uint8) or as float32, so the loaders copy as few bytes as possible."""
+
+    def __init__(self, stats: ChannelStats, unit: bool = False):
+        super().__init__()
+        scale, shift = normalization(stats, unit)
+        self.register_buffer("scale", torch.from_numpy(scale).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", torch.from_numpy(shift).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * self.scale + self.shift
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A segkit checkpoint (weights_only load), or a UserError saying what the file is instead."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- whatever torch.load raises, the file is not ours
-        kind = "a checkpoint from another tool (it holds pickled objects)" if "weights_only" in str(e) else \
-            "not a readable PyTorch checkpoint (truncated or another kind of file)"
-        raise UserError(f"{path} is {kind}; pass a best.pth or last.pth written by segkit's train.py") from None
-    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is a PyTorch file but not a segkit checkpoint (no segkit metadata); pass a "
-                        "best.pth or last.pth written by segkit's train.py")
-    if meta.get("version", 0) > CHECKPOINT_VERSION:
-        raise UserError(f"{path} was written by a newer segkit (checkpoint version {meta['version']}); update segkit")
-    return ckpt
+class Segmenter(nn.Module):
+    """Raw pixels (N, C, H, W) as stored -> logits: the normalisation, then the network. What validation, prediction
+    and the ONNX export run; it shares the network's weights."""
+
+    def __init__(self, net: nn.Module, stats: ChannelStats):
+        super().__init__()
+        self.normalize, self.net = Normalize(stats), net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
 
 
-def model_from_checkpoint(ckpt: dict) -> nn.Module:
-    meta = ckpt["meta"]
-    model, _ = build_model(meta["arch"], meta["encoder"], meta["in_channels"], meta["out_channels"], "none")
-    model.load_state_dict(ckpt["model"])
+def model_from_meta(meta: ModelMeta, state: dict) -> nn.Module:
+    """The trained network described by a checkpoint's metadata, with its weights."""
+    model, _ = build_model(meta.arch, meta.encoder, meta.in_channels, meta.out_channels, "none")
+    model.load_state_dict(state)
     return model

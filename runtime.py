@@ -1,24 +1,33 @@
-"""Where and how computation runs: device choice, mixed precision, DataLoader workers."""
-import os
+"""Where and how computation runs: device choice, mixed precision, threads and loader workers, torchrun processes.
 
-import torch
+torch is imported inside the functions that need it: the dataset tools take cpu_count() from here and must start
+without loading torch.
+"""
+import os
 
 from errors import UserError
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
 
-def select_device(cpu: bool = False, device: str | None = None) -> torch.device:
+def select_device(cpu: bool = False, device: str | None = None):
     """--cpu, else --device (`0`, `cuda:1`, `mps`, `cpu`), else the first accelerator found."""
+    import torch
+
     if cpu:
         return torch.device("cpu")
     if device:
-        dev = torch.device(f"cuda:{device}" if device.isdigit() else device)
+        try:
+            dev = torch.device(f"cuda:{device}" if device.isdigit() else device)
+        except RuntimeError:
+            raise UserError(f"--device {device}: not a device; use 0, cuda:1, mps or cpu") from None
         if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
             raise UserError(f"--device {device}: no such CUDA device here "
                             f"({torch.cuda.device_count()} found); use --cpu")
         if dev.type == "mps" and not torch.backends.mps.is_available():
             raise UserError(f"--device {device}: MPS is not available here; use --cpu")
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise UserError(f"--device {device}: segkit runs on cpu, cuda or mps")
         return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -27,8 +36,10 @@ def select_device(cpu: bool = False, device: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+def amp_dtype(choice: str, device):
     """The autocast dtype: auto is bf16 on CUDA where supported, else fp16 on CUDA, else off."""
+    import torch
+
     if choice == "off":
         return None
     if choice == "auto":
@@ -40,6 +51,11 @@ def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if choice == "bf16" else torch.float16
 
 
+def channels_last(device) -> bool:
+    """Channels-last convolutions: measured faster on CUDA and on the CPU (bench/RESULTS.md); MPS unmeasured."""
+    return device.type in ("cuda", "cpu")
+
+
 def cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -47,16 +63,19 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def default_workers(device: torch.device) -> int:
-    """Loader processes: most cores when an accelerator computes; on the CPU the model needs the cores itself."""
-    n = cpu_count()
+def default_workers(device, world_size: int = 1) -> int:
+    """Loader processes per training process: most cores when an accelerator computes; on the CPU the model needs
+    the cores itself."""
+    n = max(1, cpu_count() // world_size)
     if device.type == "cpu":
         return max(1, min(4, n // 2))
     return max(2, min(16, n - 1))
 
 
-def configure(device: torch.device, deterministic: bool = False) -> None:
+def configure(device, deterministic: bool = False) -> None:
     """Fast kernels by default (cuDNN autotuning, TF32 matmuls); --deterministic trades them for repeatability."""
+    import torch
+
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -69,6 +88,58 @@ def configure(device: torch.device, deterministic: bool = False) -> None:
 def worker_init(_: int) -> None:
     """Inside a loader worker: one thread each, so workers do not fight over cores."""
     import cv2
+    import torch
 
     cv2.setNumThreads(0)
     torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------------------------ torchrun
+class Processes:
+    """This process's place in a torchrun job (rank, world size) and its device; one process of one outside it."""
+
+    def __init__(self, cpu: bool = False, device: str | None = None):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world == 1:
+            self.device = select_device(cpu, device)
+            return
+        import datetime
+
+        import torch
+
+        if device:
+            raise UserError("--device does not go with torchrun: each process takes the GPU of its local rank "
+                            "(use CUDA_VISIBLE_DEVICES to choose GPUs, or --cpu)")
+        cuda = torch.cuda.is_available() and not cpu
+        self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}") if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        # A generous timeout: process 0 alone reads the whole dataset once while the others wait.
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, value):
+        """Process 0's value of a picklable object, in every process."""
+        if self.world == 1:
+            return value
+        import torch
+
+        box = [value]
+        torch.distributed.broadcast_object_list(box, 0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch
+
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch
+
+            torch.distributed.destroy_process_group()

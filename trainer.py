@@ -1,85 +1,74 @@
-"""The training loop: fit() over epochs, train_one_epoch(), evaluate() -> confusion matrix; logging, checkpoints and
-resume. Knows nothing of file formats: it gets DataLoaders and a model.
+"""The training loop: fit() over epochs, train_one_epoch(), evaluate() into a confusion matrix; logging, checkpoints
+and resume. Knows nothing of file formats: it gets loaders, a model and its metadata.
 
 Crash safety: at the end of an epoch best.pth (if improved), then last.pth are replaced atomically, then
-metrics.csv is rewritten from the history held in last.pth; a run killed at any moment resumes from last.pth and
-rewrites metrics.csv from it, so the CSV never holds a row the checkpoint does not.
+metrics.csv is rewritten from the history held in last.pth, and only then is the epoch's summary printed; a run
+killed at any moment resumes from last.pth and rewrites metrics.csv from it, so the CSV never holds a row the
+checkpoint does not. These writes run in a background thread while the next epoch trains (checkpoint.BackgroundWriter);
+Ctrl-C and errors wait for them.
 Reproducibility: each epoch reseeds torch and draws every sample's augmentation seed from (seed, epoch), so a
 resumed run sees the same batches and augmentations as an uninterrupted one.
+Under torchrun, every process trains its share of each batch and evaluates its share of the val batches; the
+confusion matrices are summed, so every process takes the same decisions, and process 0 alone writes and prints.
 """
 import contextlib
 import csv
 import io
-import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import checkpoint
 import metrics
 import visualize
-from errors import UserError
+from checkpoint import Checkpoint, ModelMeta
+from errors import UserError, warn
 from fileio import write_text
-from inference import predict
-from model import save_checkpoint, unwrap
+from inference import Predictor, TorchRunner
+from loaders import epoch_stream
+from losses import SegmentationLoss, loss_weights
+from model import Normalize, Segmenter, min_input_size, unwrap
+from optim import make_optimizer, make_scheduler
 
 
-# -------------------------------------------------------------------------------------------------- samplers
-class EpochBatchSampler(Sampler):
-    """Shuffled batches of (index, augmentation seed), epoch after epoch from first_epoch on, endlessly.
-
-    Everything is drawn from (seed, epoch) alone, so any epoch can be reproduced on its own. One stream across
-    epochs lets the loader's workers prepare the next epoch's first batches while the current one finishes; the
-    trainer takes len() batches per epoch. A leftover batch of one sample is dropped (a different sample each
-    epoch): batch norm cannot train on it.
-    """
-
-    def __init__(self, size: int, batch_size: int, seed: int, first_epoch: int = 1):
-        self.size, self.batch_size, self.seed, self.first_epoch = size, batch_size, seed, first_epoch
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.size, self.batch_size)
-        return full + (rest > 1 or (rest == 1 and full == 0))
-
-    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.size).tolist()
-        seeds = rng.integers(0, 2 ** 31, self.size).tolist()
-        keys = list(zip(order, seeds, strict=True))
-        return [keys[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self))]
-
-    def __iter__(self):
-        for epoch in itertools.count(self.first_epoch):
-            yield from self.epoch_batches(epoch)
+@dataclass
+class TrainConfig:
+    """Everything the loop needs besides the model, the loaders and the metadata."""
+    exp_dir: Path
+    device: torch.device
+    epochs: int
+    amp: torch.dtype | None = None
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 42
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"
+    warmup_epochs: float = 1.0
+    loss: str = "dice"
+    class_weights: str | None = None
+    pos_weight: str | None = None
+    accum_steps: int = 1  # batches whose gradients add up to one optimizer step
+    patience: int = 0
+    adv_freq: int = 1
+    val_batch_size: int = 8
+    log_worst: int = 4
+    rank: int = 0  # this process and the number of processes under torchrun
+    world: int = 1
 
 
-class SizeGroupedBatchSampler(Sampler):
-    """Batches of images that share a size, so whole images can be stacked without resizing."""
-
-    def __init__(self, sizes: list[tuple[int, int]], batch_size: int):
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, s in enumerate(sizes):
-            groups.setdefault(tuple(s), []).append(i)
-        self.batches = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        return iter(self.batches)
-
-
-# ----------------------------------------------------------------------------------------------------- trainer
 @dataclass
 class EvalSet:
     name: str
-    loader: DataLoader
-    size: int
+    loader: DataLoader  # endless (SizeGroupedBatchSampler with repeat): len(loader) batches per epoch
+    size: int  # samples in the whole set, over every process
 
 
 @dataclass
@@ -101,225 +90,308 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, model, criterion, optimizer, scheduler, scaler, train_loader: DataLoader,
-                 eval_sets: list[EvalSet], device: torch.device, amp_dtype: torch.dtype | None, exp_dir: Path,
-                 meta: dict, class_names: list[str], epochs: int, seed: int,
-                 patience: int = 0, adv_freq: int = 1, val_tile_size: int = 1024,
-                 val_batch_size: int = 8, log_worst: int = 4, channels_last: bool = False, min_input: int = 32,
-                 resize_to: int | None = None):
-        self.model, self.criterion, self.optimizer = model, criterion, optimizer
-        self.eval_model = unwrap(model)  # not compiled: validation images vary in size, which would recompile
-        self.scheduler, self.scaler, self.train_loader = scheduler, scaler, train_loader
-        self.eval_sets, self.device, self.amp_dtype = eval_sets, device, amp_dtype
-        self.exp_dir, self.meta, self.class_names, self.epochs = exp_dir, meta, class_names, epochs
-        self.seed, self.patience = seed, patience
-        self.plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)  # steps per epoch
-        self.adv_freq = adv_freq
-        self.log_worst = log_worst
-        self.infer = {"tile_size": val_tile_size, "batch_size": val_batch_size, "min_size": min_input,
-                      "autocast": self.autocast, "resize_to": resize_to}
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.num_classes = len(class_names)
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_loader: DataLoader, eval_sets: list[EvalSet],
+                 meta: ModelMeta):
+        self.cfg, self.meta, self.train_loader, self.eval_sets = cfg, meta, train_loader, eval_sets
+        weights, pos = loss_weights(cfg.class_weights, cfg.pos_weight, meta.labels, meta.stats.class_pixels)
+        self.criterion = SegmentationLoss(cfg.loss, meta.binary, weights, pos)
+        net = unwrap(model)
+        self.optimizer = make_optimizer(cfg.optimizer, net, cfg.learning_rate, cfg.weight_decay)
+        self.steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
+        self.scheduler = make_scheduler(cfg.scheduler, self.optimizer, cfg.epochs, self.steps_per_epoch,
+                                        cfg.warmup_epochs)
+        self.plateau = cfg.scheduler == "plateau"  # steps once per scored epoch, not per batch
+        self.scaler = torch.amp.GradScaler(cfg.device.type) if cfg.amp == torch.float16 else None
+        # Training batches come as stored (uint8) or scaled to [0, 1] (other types, for the augmentations).
+        self.normalize = Normalize(meta.stats, unit=meta.dtype != "uint8").to(cfg.device)
+        self.model = torch.compile(model) if cfg.compile else model
+        # Validation goes through the inference path, on the plain network: image sizes vary, which would recompile.
+        runner = TorchRunner(Segmenter(net, meta.stats).to(cfg.device), cfg.device, cfg.amp, cfg.channels_last)
+        self.predictor = Predictor.create(meta, runner, tile_size=meta.val_tile_size, batch_size=cfg.val_batch_size,
+                                          threshold=0.5, min_size=min_input_size(meta.arch))
+        self.main = cfg.rank == 0
         self.state = TrainState()
-        self.writer = None
+        self.writer: checkpoint.BackgroundWriter | None = None
+        self.tensorboard = None
 
     # ------------------------------------------------------------------------------------------ state
     def autocast(self):
-        if self.amp_dtype is None:
+        if self.cfg.amp is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.cfg.device.type, dtype=self.cfg.amp)
 
-    def checkpoint(self) -> dict:
-        s = self.state
-        return {"model": unwrap(self.model).state_dict(), "meta": self.meta, "epoch": s.epoch,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-                "best_score": s.best_score, "best_epoch": s.best_epoch, "bad_epochs": s.bad_epochs,
-                "early_stopped": s.early_stopped, "history": s.history}
+    def training_state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "state": asdict(self.state)}
 
-    def load(self, ckpt: dict) -> None:
-        unwrap(self.model).load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.scaler is not None and ckpt["scaler"]:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.state = TrainState(ckpt["epoch"], ckpt["best_score"], ckpt["best_epoch"], ckpt["bad_epochs"],
-                                ckpt["early_stopped"], list(ckpt["history"]))
-        best = self.exp_dir / "best.pth"
-        if best.exists():  # a kill between writing best.pth and last.pth leaves a newer best behind: keep its score
-            b = torch.load(best, map_location="cpu", weights_only=True, mmap=True)
-            if b["epoch"] > self.state.epoch and b["score"] > self.state.best_score:
-                self.state.best_score, self.state.best_epoch = b["score"], b["epoch"]
+    def resume(self, ckpt: Checkpoint) -> None:
+        """Continue from a last.pth: weights, optimizer, schedule, scaler and the trainer's own state."""
+        unwrap(self.model).load_state_dict(ckpt.model)
+        training = ckpt.training
+        self.optimizer.load_state_dict(training["optimizer"])
+        self.scheduler.load_state_dict(training["scheduler"])
+        if self.scaler is not None and training["scaler"]:
+            self.scaler.load_state_dict(training["scaler"])
+        self.state = TrainState(**{**training["state"], "history": list(training["state"]["history"])})
+        if self.state.early_stopped:  # more epochs asked for after an early stop: patience starts afresh
+            self.state.early_stopped, self.state.bad_epochs = False, 0
+        self.check_best()
+
+    def check_best(self) -> None:
+        """A kill between writing best.pth and last.pth leaves a newer best behind: keep its score. A damaged
+        best.pth is replaced by the next improving epoch."""
+        path = self.cfg.exp_dir / "best.pth"
+        if not path.exists():
+            return
+        try:
+            best = checkpoint.load(path)
+        except UserError as e:
+            warn(f"{e}; it will be replaced by the next epoch that improves the val score")
+            self.state.best_score = -math.inf
+            return
+        if best.epoch > self.state.epoch and best.score is not None and best.score > self.state.best_score:
+            self.state.best_score, self.state.best_epoch = best.score, best.epoch
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> TrainState:
-        from torch.utils.tensorboard import SummaryWriter
-
         s = self.state
-        self.write_csv()
-        self.writer = SummaryWriter(str(self.exp_dir), purge_step=s.epoch + 1)
+        self.writer = checkpoint.BackgroundWriter()
+        if self.main:
+            from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow and only process 0 logs
+
+            write_csv(self.cfg.exp_dir, s.history)
+            self.tensorboard = SummaryWriter(str(self.cfg.exp_dir), purge_step=s.epoch + 1)
         self.train_loader.batch_sampler.first_epoch = s.epoch + 1
-        batches = iter(self.train_loader)  # one stream for all epochs: the workers never wait at an epoch's start
+        train_epochs = epoch_stream(self.train_loader)  # one stream for all epochs: workers never wait at a start
+        eval_epochs = {e.name: epoch_stream(e.loader) for e in self.eval_sets}
         try:
-            for epoch in range(s.epoch + 1, self.epochs + 1):
-                self.run_epoch(epoch, itertools.islice(batches, len(self.train_loader)))
+            for epoch in range(s.epoch + 1, self.cfg.epochs + 1):
+                self.run_epoch(epoch, next(train_epochs), eval_epochs)
                 if s.early_stopped:
-                    print(f"early stop: no improvement for {self.patience} epochs (best {s.best_score:.4f} at "
-                          f"epoch {s.best_epoch})")
                     break
         finally:
             self.writer.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+        if s.early_stopped and self.main:
+            print(f"early stop: no improvement for {self.cfg.patience} epochs (best {s.best_score:.4f} at epoch "
+                  f"{s.best_epoch})")
         return s
 
-    def run_epoch(self, epoch: int, batches) -> None:
-        s = self.state
+    def run_epoch(self, epoch: int, batches, eval_epochs: dict) -> None:
         t0 = time.monotonic()
         train_loss, lr = self.train_one_epoch(epoch, batches)
         if not math.isfinite(train_loss):
             raise UserError(f"training diverged at epoch {epoch} (loss {train_loss}); last.pth keeps epoch "
                             f"{self.state.epoch}: run the same command with --amp off to resume from there, or start "
                             "a new --exp-name with a lower -lr")
+        due = [e for e in self.eval_sets if e.name == "val" or epoch % self.cfg.adv_freq == 0
+               or epoch == self.cfg.epochs]
+        self.sync_buffers()
+        results = {e.name: self.evaluate(e, next(eval_epochs[e.name])) for e in due}
+        row, score = self.epoch_row(epoch, train_loss, lr, results, len(due) == len(self.eval_sets))
+        row["time_s"] = time.monotonic() - t0
+        improved = self.update_state(epoch, row, score)
+        if self.plateau and score is not None:
+            self.scheduler.step(score)
+        if self.main:
+            self.save(epoch, row, improved, results.get("val"))
+
+    def train_one_epoch(self, epoch: int, batches) -> tuple[float, float]:
+        """One pass of optimizer steps over `batches`; (mean loss over all processes, last lr)."""
+        self.model.train()
+        torch.manual_seed(self.cfg.seed * 1000 + epoch)
+        loss_sum = torch.zeros((), device=self.cfg.device)
+        steps = len(self.train_loader)
+        quiet = {} if self.main else {"disable": True}  # unset, TQDM_DISABLE=1 silences it (benchmarks)
+        bar = tqdm(batches, total=steps, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False, dynamic_ncols=True,
+                   **quiet)
+        shown = time.monotonic()
+        k = self.cfg.accum_steps
+        for i, batch in enumerate(bar):
+            images = self.normalize(self.to_device(batch["image"]))
+            masks = batch["mask"].to(self.cfg.device, non_blocking=True)
+            group = min(k, steps - i // k * k)  # batches in this optimizer step (the epoch's last may be short)
+            last = (i + 1) % k == 0 or i + 1 == steps
+            with self.no_sync(not last):
+                with self.autocast():
+                    logits = self.model(images)
+                loss = self.criterion(logits, masks)
+                self.backward(loss / group)
+            if last:
+                self.step()
+            loss_sum += loss.detach()
+            if self.main and time.monotonic() - shown > 0.5:  # one host sync per half second, not per step
+                bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.4f}")
+                shown = time.monotonic()
+        bar.close()
+        self.all_reduce(loss_sum, average=True)
+        return loss_sum.item() / max(steps, 1), self.optimizer.param_groups[0]["lr"]
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, C) host batch -> (N, C, H, W) on the device; channels last makes it a view, not a copy."""
+        x = images.to(self.cfg.device, non_blocking=True).permute(0, 3, 1, 2)
+        return x if self.cfg.channels_last else x.contiguous()
+
+    def no_sync(self, skip: bool):
+        """Under DistributedDataParallel, gradients of the batches inside an accumulation step are not exchanged."""
+        return self.model.no_sync() if skip and hasattr(self.model, "no_sync") else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self.plateau:
+            self.scheduler.step()
+
+    @torch.no_grad()
+    def evaluate(self, eval_set: EvalSet, batches) -> EvalResult:
+        """Loss, metrics and per-image IoU of one val set (this process's share, summed over all processes)."""
+        t0 = time.monotonic()
+        self.predictor.runner.model.eval()
+        device, num_classes = self.cfg.device, self.meta.labels.num_classes
+        cm = metrics.ConfusionMatrix(num_classes, device)
+        loss_sum = torch.zeros((), device=device)
+        ious = torch.zeros(eval_set.size, dtype=torch.float64, device=device)
+        for batch in batches:
+            logits = self.predictor.logits(self.predictor.runner.asarray(batch["image"]))
+            masks = batch["mask"].to(device, non_blocking=True)
+            loss_sum += self.criterion(logits, masks) * len(masks)
+            per_image = cm.update(metrics.predict_classes(logits), masks)
+            ious[batch["index"].to(device)] = metrics.mean_foreground_iou(per_image)
+        cm.all_reduce()
+        self.all_reduce(loss_sum)
+        self.all_reduce(ious)  # each image was scored by exactly one process
+        return EvalResult(loss_sum.item() / max(eval_set.size, 1), cm.compute(), ious.cpu(), time.monotonic() - t0)
+
+    def sync_buffers(self) -> None:
+        """Under torchrun, every process evaluates with process 0's batch-norm statistics: those it saves."""
+        if self.cfg.world > 1:
+            for buffer in unwrap(self.model).buffers():
+                torch.distributed.broadcast(buffer, 0)
+
+    def all_reduce(self, t: torch.Tensor, average: bool = False) -> None:
+        if self.cfg.world > 1:
+            torch.distributed.all_reduce(t)
+            if average:
+                t /= self.cfg.world
+
+    # ------------------------------------------------------------------------------------------ bookkeeping
+    def epoch_row(self, epoch: int, train_loss: float, lr: float, results: dict, every_set: bool
+                  ) -> tuple[dict, float | None]:
+        """The epoch's metrics.csv row, and its selection score: the size-weighted mean mIoU of the val sets, on
+        epochs that evaluate every one of them (None otherwise)."""
         row = {"epoch": epoch, "train_loss": train_loss}
-        evaluated = [e for e in self.eval_sets if e.name == "val" or epoch % self.adv_freq == 0
-                     or epoch == self.epochs]
-        results = {e.name: self.evaluate(e) for e in evaluated}
         main = results.get("val")
         if main is not None:
-            row["val_loss"] = main.loss
-            row["val_miou"] = main.scores["miou"]
-            for name, v in zip(self.class_names, main.scores["per_class_iou"], strict=True):
-                row[f"iou_{name}"] = v
-        for name, r in results.items():
-            if name != "val":
-                row[f"{name}_miou"] = r.scores["miou"]
+            row.update(val_loss=main.loss, val_miou=main.scores["miou"])
+            row.update({f"iou_{n}": v for n, v in zip(self.meta.class_names, main.scores["per_class_iou"],
+                                                          strict=True)})
+        row.update({f"{name}_miou": r.scores["miou"] for name, r in results.items() if name != "val"})
         score = None
-        if len(evaluated) == len(self.eval_sets):  # the best model is chosen on epochs that see every val set
-            values = [results[e.name].scores["miou"] for e in evaluated]
-            values = [0.0 if math.isnan(v) else v for v in values]
-            score = sum(e.size * v for e, v in zip(evaluated, values, strict=True)) / sum(e.size for e in evaluated)
+        if every_set:
+            values = [0.0 if math.isnan(results[e.name].scores["miou"]) else results[e.name].scores["miou"]
+                      for e in self.eval_sets]
+            score = sum(e.size * v for e, v in zip(self.eval_sets, values, strict=True)) / sum(
+                e.size for e in self.eval_sets)
             row["score"] = score
         row["lr"] = lr
-        row["time_s"] = time.monotonic() - t0
-        improved = score is not None and score > s.best_score
+        return row, score
+
+    def update_state(self, epoch: int, row: dict, score: float | None) -> bool:
+        """Record the epoch; True when it is the best so far."""
+        s = self.state
         s.epoch = epoch
         s.history.append(row)
+        improved = score is not None and score > s.best_score
         if score is not None:
             if improved:
                 s.best_score, s.best_epoch, s.bad_epochs = score, epoch, 0
             else:
                 s.bad_epochs += 1
-            s.early_stopped = bool(self.patience) and s.bad_epochs >= self.patience
-        if self.plateau and score is not None:
-            self.scheduler.step(score)
-        if improved:
-            save_checkpoint(self.exp_dir / "best.pth", {"model": unwrap(self.model).state_dict(),
-                                                        "meta": self.meta, "epoch": epoch, "score": score})
-        save_checkpoint(self.exp_dir / "last.pth", self.checkpoint())
-        self.write_csv()
-        self.log_tensorboard(row, epoch, results.get("val"))
-        self.print_summary(row, improved)
+            s.early_stopped = bool(self.cfg.patience) and s.bad_epochs >= self.cfg.patience
+        return improved
 
-    def train_one_epoch(self, epoch: int, batches) -> tuple[float, float]:
-        """One pass of optimizer steps over `batches` of (images, masks, indices); (mean loss, last lr)."""
-        self.model.train()
-        torch.manual_seed(self.seed * 1000 + epoch)
-        loss_sum = torch.zeros((), device=self.device)
-        steps = 0
-        bar = tqdm(batches, total=len(self.train_loader), desc=f"epoch {epoch}/{self.epochs}", leave=False,
-                   dynamic_ncols=True)
-        shown = time.monotonic()
-        for images, masks, _ in bar:
-            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-            masks = masks.to(self.device, non_blocking=True)
-            with self.autocast():
-                logits = self.model(images)
-            loss = self.criterion(logits, masks)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.optimizer.step()
-            if not self.plateau:
-                self.scheduler.step()
-            loss_sum += loss.detach()
-            steps += 1
-            if time.monotonic() - shown > 0.5:  # one host sync per half second, not per step
-                bar.set_postfix(loss=f"{loss_sum.item() / steps:.4f}")
-                shown = time.monotonic()
-        bar.close()
-        return loss_sum.item() / max(steps, 1), self.optimizer.param_groups[0]["lr"]
+    def save(self, epoch: int, row: dict, improved: bool, val: EvalResult | None) -> None:
+        """Hand the epoch's writes to the background writer: checkpoints, then metrics.csv, TensorBoard and the
+        summary line. What they need is copied now, so the next epoch may change the live state."""
+        weights = checkpoint.snapshot(unwrap(self.model).state_dict())
+        last = Checkpoint(weights, self.meta, epoch, row.get("score"), checkpoint.snapshot(self.training_state()))
+        best = Checkpoint(weights, self.meta, epoch, row.get("score")) if improved else None
+        history, summary = list(self.state.history), self.summary(row, improved)
+        worst = self.worst_predictions(val) if val is not None and self.cfg.log_worst else None
+        exp = self.cfg.exp_dir
+
+        def job() -> None:
+            if best is not None:
+                checkpoint.save(exp / "best.pth", best)
+            checkpoint.save(exp / "last.pth", last)
+            write_csv(exp, history)
+            self.log_tensorboard(row, epoch, worst)
+            tqdm.write(summary)
+
+        self.writer.submit(job)
 
     @torch.no_grad()
-    def evaluate(self, eval_set: EvalSet) -> EvalResult:
-        t0 = time.monotonic()
-        self.eval_model.eval()
-        cm = torch.zeros((self.num_classes, self.num_classes), dtype=torch.long, device=self.device)
-        loss_sum = torch.zeros((), device=self.device)
-        ious = torch.zeros(eval_set.size, dtype=torch.float64, device=self.device)
-        for images, masks, index in eval_set.loader:
-            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-            masks = masks.to(self.device, non_blocking=True)
-            logits = predict(self.eval_model, images, **self.infer)
-            loss_sum += self.criterion(logits, masks) * len(images)
-            pred = metrics.predict_classes(logits)
-            cm += metrics.confusion_matrix(pred, masks, self.num_classes)
-            ious[index.to(self.device)] = metrics.mean_foreground_iou(
-                metrics.per_image_confusion(pred, masks, self.num_classes))
-        return EvalResult(loss_sum.item() / max(eval_set.size, 1), metrics.summarize(cm), ious.cpu(),
-                          time.monotonic() - t0)
+    def worst_predictions(self, val: EvalResult) -> list[tuple[int, float, np.ndarray]]:
+        """(index, IoU, predicted classes) of the val samples with the lowest IoU: the picture is drawn later."""
+        dataset = self.eval_sets[0].loader.dataset
+        out = []
+        for index in torch.argsort(val.per_image_iou)[: self.cfg.log_worst].tolist():
+            image = dataset[index]["image"]
+            logits = self.predictor.logits(self.predictor.runner.asarray(image[None]))
+            pred = metrics.predict_classes(logits)[0].byte().cpu().numpy()
+            out.append((index, float(val.per_image_iou[index]), pred))
+        return out
 
-    # ------------------------------------------------------------------------------------------ output
-    def write_csv(self) -> None:
-        """metrics.csv from the history: one row per completed epoch, rewritten atomically."""
-        columns = []
-        for row in self.state.history:
-            columns += [k for k in row if k not in columns]
-        out = io.StringIO()
-        w = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
-        w.writeheader()
-        for row in self.state.history:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        if self.state.history or not (self.exp_dir / "metrics.csv").exists():
-            write_text(self.exp_dir / "metrics.csv", out.getvalue())
-
-    def log_tensorboard(self, row: dict, epoch: int, val: EvalResult | None) -> None:
-        w = self.writer
+    def log_tensorboard(self, row: dict, epoch: int, worst: list | None) -> None:
+        w = self.tensorboard
         for key, value in row.items():
             if key == "epoch" or value is None or (isinstance(value, float) and math.isnan(value)):
                 continue
             group = "iou" if key.startswith("iou_") else "loss" if key.endswith("loss") else "metrics"
             w.add_scalar(f"{group}/{key}", value, epoch)
-        if val is not None and self.log_worst:
-            w.add_image("val/worst", self.worst_grid(val), epoch, dataformats="HWC")
+        if worst:
+            w.add_image("val/worst", self.worst_grid(worst), epoch, dataformats="HWC")
         w.flush()
 
-    @torch.no_grad()
-    def worst_grid(self, val: EvalResult) -> np.ndarray:
-        """Image | truth | prediction for the val samples with the lowest IoU."""
-        dataset = self.eval_sets[0].loader.dataset
+    def worst_grid(self, worst: list[tuple[int, float, np.ndarray]]) -> np.ndarray:
+        """Image | truth | prediction for the worst val samples."""
+        dataset, n = self.eval_sets[0].loader.dataset, self.meta.labels.num_classes
         rows = []
-        for index in torch.argsort(val.per_image_iou)[: self.log_worst].tolist():
-            image, mask, _ = dataset[index]
-            logits = predict(self.eval_model, image[None].to(self.device), **self.infer)
-            pred = metrics.predict_classes(logits)[0].cpu().numpy().astype(np.uint8)
-            raw, _ = dataset.load(index)
-            truth = mask.numpy()
+        for index, iou, pred in worst:
+            image, truth = dataset.load(index)
             rows.append(visualize.panel(
-                [visualize.to_rgb8(raw), visualize.colorize(truth, self.num_classes),
-                 visualize.colorize(pred, self.num_classes)],
-                [dataset.samples[index].stem[:24], "truth", f"pred IoU {val.per_image_iou[index]:.3f}"]))
+                [visualize.to_rgb8(image), visualize.colorize(truth, n), visualize.colorize(pred, n)],
+                [dataset.samples[index].stem[:24], "truth", f"pred IoU {iou:.3f}"]))
         return visualize.stack_rows(rows)
 
-    def print_summary(self, row: dict, improved: bool) -> None:
-        s = self.state
-        parts = [f"epoch {row['epoch']}/{self.epochs}", f"train_loss {row['train_loss']:.4f}"]
+    def summary(self, row: dict, improved: bool) -> str:
+        s, parts = self.state, [f"epoch {row['epoch']}/{self.cfg.epochs}", f"train_loss {row['train_loss']:.4f}"]
         if "val_loss" in row:
             parts += [f"val_loss {row['val_loss']:.4f}", f"val_mIoU {row['val_miou']:.4f}"]
         parts += [f"{k} {v:.4f}" for k, v in row.items() if k.endswith("_miou") and k != "val_miou"]
         if s.best_epoch:
             parts.append(f"best {s.best_score:.4f} @{s.best_epoch}" + (" *" if improved else ""))
         parts += [f"lr {row['lr']:.2e}", f"{row['time_s']:.1f}s"]
-        print("  ".join(parts), flush=True)
+        return "  ".join(parts)
+
+
+def write_csv(exp_dir: Path, history: list[dict]) -> None:
+    """metrics.csv from the history: one row per completed epoch, rewritten atomically."""
+    columns = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    if history or not (exp_dir / "metrics.csv").exists():
+        write_text(exp_dir / "metrics.csv", out.getvalue())

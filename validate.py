@@ -6,65 +6,59 @@
 
 The folder holds images/, optionally gt/ (then metrics are computed) and the extra band folders the model was
 trained with. Everything about preprocessing (bands, normalisation, label values, resize mode, architecture) comes
-from the checkpoint. Images up to the tile size are predicted whole, in batches of equal shapes; larger ones with a
-sliding window of overlapping tiles; every mask comes back at exactly its image's size.
+from the checkpoint (or an exported bundle, given as -c). Every file is checked against the model before
+prediction starts; images up to the tile size are predicted whole, in batches of equal sizes, larger ones with a
+sliding window; every mask comes back at exactly its image's size.
 """
 import argparse
-import contextlib
 import csv
 import heapq
 import io
 import itertools
 import json
 import math
+import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-import metrics
-import visualize
-from dataset import (
-    IGNORE_INDEX,
-    ChannelStats,
-    Labels,
-    SegmentationDataset,
-    as_is,
-    find_samples,
-    folder_label,
-    read_sample,
-)
+from cli import Parser, at_least, fraction, multiple_of_32, probability
 from errors import UserError, run_cli
-from fileio import write_image, write_text
-from inference import TTA_MODES, predict
-from model import load_checkpoint, min_input_size, model_from_checkpoint, save_checkpoint
-from runtime import AMP_CHOICES, amp_dtype, configure, default_workers, select_device, worker_init
+from inference import TTA_MODES
+from runtime import AMP_CHOICES
 
 MARKER = ".segkit-validate"  # marks an output folder as ours, so a re-run may clear its old files
 SWEEP_BINS = 1000
+HOST_PIXELS = 4096 * 4096  # images larger than this are blended in host memory, not on the device
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("input")
-    g.add_argument("-c", "--check-path", help="checkpoint file (best.pth or last.pth written by train.py)")
-    g.add_argument("-cd", "--check-dir", help="experiment folder: uses its best.pth")
+    p = Parser(description=__doc__)
+    g = p.add_argument_group("data")
     g.add_argument("-d", "--dataset-dir", required=True,
                    help="folder with images/, optional gt/, and the extra band folders the model was trained with")
+    g = p.add_argument_group("model")
+    g.add_argument("-c", "--checkpoint", dest="check_path",
+                   help="best.pth or last.pth written by train.py, or a bundle folder written by export.py")
+    g.add_argument("-cd", "--check-dir", help="experiment folder: uses its best.pth")
     g = p.add_argument_group("prediction")
-    g.add_argument("-t", "--thres", type=float, default=None,
+    g.add_argument("-t", "--threshold", type=probability, default=None,
                    help="binary threshold on the foreground probability (default: the checkpoint's, else 0.5)")
-    g.add_argument("--tile-size", type=int, default=None,
+    g.add_argument("--tile-size", type=multiple_of_32("--tile-size"), default=None,
                    help="images up to this size are predicted whole; larger ones in overlapping tiles of it "
                         "(default: the training run's --val-tile-size, so metrics match training's validation)")
-    g.add_argument("--overlap", type=float, default=0.5, help="overlap between tiles, a fraction (0.5)")
+    g.add_argument("--overlap", type=fraction, default=0.5, help="overlap between tiles, a fraction (0.5)")
     g.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation: flips, or all 8 D4 ops")
-    g.add_argument("-b", "--batch", type=int, default=8, help="images or tiles per forward pass (8)")
-    g.add_argument("-w", "--workers", type=int, default=None, help="data-loading processes (default: from the CPU)")
+    g.add_argument("-b", "--batch-size", type=at_least(1), default=8, help="images or tiles per forward pass (8)")
+    g.add_argument("--find-threshold", action="store_true",
+                   help="sweep thresholds on this set (binary models) and print IoU for each")
+    g.add_argument("--save-threshold", action="store_true",
+                   help="with --find-threshold: store the best threshold in the checkpoint for later runs")
+    g = p.add_argument_group("runtime")
+    g.add_argument("-w", "--workers", type=at_least(0), default=None,
+                   help="data-loading processes (default: from the CPU)")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     g.add_argument("--device", default=None, help="device: 0, cuda:1, mps, cpu")
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision (auto: bf16/fp16 on GPU)")
@@ -78,59 +72,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="png: 8-bit 0-255; tif: float32 (multi-class: one band per class)")
     g.add_argument("--plots", action="store_true",
                    help="one picture per image (image, truth, prediction, errors) and worst.png")
-    g.add_argument("--worst", type=int, default=8, help="images in worst.png (8)")
+    g.add_argument("--worst", type=at_least(1), default=8, help="images in worst.png (8)")
     g.add_argument("--com", "--calc-only-metrics", dest="com", action="store_true",
                    help="metrics only: no masks, probabilities or plots")
     g.add_argument("--vis", action="store_true", help="show the first plot when a display is available")
-    g = p.add_argument_group("threshold")
-    g.add_argument("--find-threshold", action="store_true",
-                   help="sweep thresholds on this set (binary models) and print IoU for each")
-    g.add_argument("--save-threshold", action="store_true",
-                   help="with --find-threshold: store the best threshold in the checkpoint for later runs")
     return p
 
 
 # ----------------------------------------------------------------------------------------------------- input
-class ValidationSet(SegmentationDataset):
-    """Samples checked against the checkpoint: (image, mask or None, index, thumbnail for plots, error or None).
-
-    Problems come back as values, not exceptions, so a worker process never prints a traceback.
-    """
-
-    def __init__(self, samples, labels: Labels, stats, in_channels: int, band_names: list[str], thumbnails: bool):
-        super().__init__(samples, labels, stats)
-        self.labels, self.in_channels, self.band_names = labels, in_channels, band_names
-        self.thumbnails = thumbnails
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-        sample = self.samples[index]
-        image, mask = read_sample(sample, None)
-        if image.shape[2] != self.in_channels:
-            bands = f" + {len(self.band_names)} extra band(s) ({', '.join(self.band_names)})" if self.band_names else ""
-            raise UserError(f"{sample.image}: {image.shape[2] - len(self.band_names)} image channel(s){bands} = "
-                            f"{image.shape[2]} channels, but the model was trained on {self.in_channels}")
-        if mask is not None:
-            values = set(np.unique(mask).tolist())
-            unknown = sorted(values - self.labels.known())
-            if unknown and self.labels.strict:
-                raise UserError(f"{sample.mask}: mask values {', '.join(map(str, unknown[:8]))} are unknown to the "
-                                f"model, which was trained with {self.labels.flag}; fix the masks or validate "
-                                "without gt/")
-            mask = self.lut[mask]
-        return image, mask
-
-    def __getitem__(self, index: int):
-        try:
-            image, mask = self.load(index)
-        except UserError as e:
-            return None, None, index, None, str(e)
-        thumb = visualize.to_rgb8(image) if self.thumbnails else None
-        x = image.reshape(*image.shape[:2], -1).astype(np.float32) * self.scale_raw + self.shift_raw
-        x = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
-        return x, (torch.from_numpy(mask) if mask is not None else None), index, thumb, None
-
-
-def resolve_checkpoint(args: argparse.Namespace) -> Path:
+def model_path(args: argparse.Namespace) -> Path:
     if bool(args.check_path) == bool(args.check_dir):
         raise UserError("give the model as -c CHECKPOINT or -cd EXPERIMENT_DIR (one of them)")
     if args.check_path:
@@ -144,48 +94,90 @@ def resolve_checkpoint(args: argparse.Namespace) -> Path:
     raise UserError(f"-cd {folder}: no best.pth or last.pth in it; is it a segkit experiment folder?")
 
 
+def check_flags(args: argparse.Namespace, predictor) -> None:
+    if args.find_threshold and not predictor.meta.binary:
+        raise UserError("--find-threshold is for binary models; this one has classes "
+                        + ", ".join(predictor.meta.class_names))
+    if args.save_threshold and not args.find_threshold:
+        raise UserError("--save-threshold needs --find-threshold")
+    path = model_path(args)
+    if args.save_threshold and (path.suffix != ".pth" or not os.access(path, os.W_OK)
+                                or not os.access(path.parent, os.W_OK)):
+        raise UserError(f"--save-threshold rewrites {path}, which is not a checkpoint this run may write; drop "
+                        "--save-threshold or make it writable")
+
+
+def check_data(data_dir: Path, predictor, workers: int) -> tuple[list, list[tuple[int, int]]]:
+    """The samples and their sizes, every file read once and checked against the model: all problems together."""
+    from dataset import dataset_problems, find_samples, scan_samples, unlisted_note
+
+    if not (data_dir / "images").is_dir() and (data_dir / "val" / "images").is_dir():
+        raise UserError(f"{data_dir} has no images/ folder but {data_dir / 'val'} has one: pass -d {data_dir / 'val'}")
+    meta = predictor.meta
+    samples = find_samples(data_dir, meta.add_dirs, masks="optional")
+    infos = scan_samples(samples, with_stats=False, workers=max(1, workers), desc="checking")
+    labels = meta.labels if samples[0].mask is not None else None
+    problems = dataset_problems(infos, labels, data_dir.name, trained=True)
+    for (channels, dtype), group in itertools.groupby(sorted((i for i in infos if not i.error),
+                                                             key=lambda i: (i.channels, i.dtype)),
+                                                      key=lambda i: (i.channels, i.dtype)):
+        group = list(group)
+        low, high = min(i.mins.min() for i in group), max(i.maxs.max() for i in group)
+        problem = predictor.input_problem(group[0].image + (f" (and {len(group) - 1} more)" if len(group) > 1
+                                                            else ""), channels, dtype, low, high)
+        problems += [problem] if problem else []
+    if problems:
+        raise UserError((f"{len(problems)} problems in {data_dir}:\n  " if len(problems) > 1 else "")
+                        + "\n  ".join(problems))
+    note = unlisted_note(infos, meta.labels, data_dir.name) if labels else None
+    if note:
+        print(note)
+    return samples, [(i.height, i.width) for i in infos]
+
+
 def prepare_output(args: argparse.Namespace, ckpt_path: Path, data_dir: Path) -> Path:
-    """The output folder, created and proven writable; our own old outputs in it are cleared."""
-    if args.output_dir:
-        out = Path(args.output_dir)
-    else:
-        out = ckpt_path.parent / f"predictions_{folder_label(data_dir) or 'dataset'}"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if (out / MARKER).exists():
-            for sub in ("masks", "raw", "plots"):
-                for f in (out / sub).glob("*") if (out / sub).is_dir() else []:
-                    f.unlink()
-        (out / MARKER).write_text("outputs of segkit validate.py; a re-run clears masks/, raw/ and plots/\n")
-    except OSError as e:
-        raise UserError(f"-o {out}: cannot write there ({e.strerror}); choose another --output-dir") from None
+    """The output folder, created and proven writable; our own old outputs in it are cleared, a folder of the
+    user's with other files in it is refused."""
+    from dataset import folder_label
+    from fileio import output_folder
+
+    base = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
+    out = Path(args.output_dir) if args.output_dir else base / f"predictions_{folder_label(data_dir) or 'dataset'}"
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise UserError(f"-o {out} already holds files that validate.py did not write; choose a new or empty folder")
+    out = output_folder(out, "-o")
+    for sub in ("masks", "raw", "plots"):
+        for f in (out / sub).iterdir() if (out / sub).is_dir() else []:
+            f.unlink()
+    for name in ("metrics.json", "per_image.csv", "confusion_matrix.png", "worst.png"):
+        (out / name).unlink(missing_ok=True)
+    (out / MARKER).write_text("outputs of segkit validate.py; a re-run replaces them\n")
+    for flag, sub in ((args.binary, "masks"), (args.raw, "raw"), (args.plots, "plots")):
+        if flag and not args.com:
+            (out / sub).mkdir(exist_ok=True)
     return out
 
 
 # ---------------------------------------------------------------------------------------------------- output
-def label_values(labels: Labels) -> np.ndarray:
-    """Class index -> the dataset's label value (background 0)."""
-    values = np.array([0, *labels.values])
-    return values.astype(np.uint8 if values.max() <= 255 else np.uint16)
+def write_outputs(args: argparse.Namespace, out: Path, stem: str, probs: np.ndarray, mask: np.ndarray) -> None:
+    from fileio import write_image
 
-
-def write_outputs(args, out: Path, stem: str, probs: torch.Tensor, pred: np.ndarray, values: np.ndarray) -> None:
     if args.binary:
-        write_image(out / "masks" / f"{stem}.png", values[pred])
+        write_image(out / "masks" / f"{stem}.png", mask)
     if args.raw:
-        p = probs.float().cpu().numpy()
         if args.raw_format == "tif":
-            write_image(out / "raw" / f"{stem}.tif", p[0] if p.shape[0] == 1 else np.ascontiguousarray(
-                p.transpose(1, 2, 0)))
+            write_image(out / "raw" / f"{stem}.tif", probs[0] if probs.shape[0] == 1 else np.ascontiguousarray(
+                probs.transpose(1, 2, 0)))
         else:
-            top = p[0] if p.shape[0] == 1 else p.max(0)
+            top = probs[0] if probs.shape[0] == 1 else probs.max(0)
             write_image(out / "raw" / f"{stem}.png", np.round(top * 255).astype(np.uint8))
 
 
 def plot_panel(thumb: np.ndarray, truth: np.ndarray | None, pred: np.ndarray, num_classes: int, title: str
                ) -> np.ndarray:
-    tiles = [thumb]
-    names = [title[:28]]
+    import visualize
+
+    tiles, names = [thumb], [title[:28]]
     if truth is not None:
         tiles += [visualize.overlay(thumb, truth, num_classes), visualize.overlay(thumb, pred, num_classes),
                   visualize.error_map(truth, pred)]
@@ -194,27 +186,6 @@ def plot_panel(thumb: np.ndarray, truth: np.ndarray | None, pred: np.ndarray, nu
         tiles.append(visualize.overlay(thumb, pred, num_classes))
         names.append("prediction")
     return visualize.panel(tiles, names)
-
-
-def confusion_png(cm: np.ndarray, names: list[str]) -> np.ndarray:
-    """Row-normalised confusion matrix (truth rows, prediction columns) as a picture."""
-    n, cell, margin = len(names), 56, 70
-    rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    img = np.full((margin + n * cell + 10, margin + n * cell + 10, 3), 255, np.uint8)
-    for i in range(n):
-        for j in range(n):
-            shade = int(255 * (1 - rows[i, j]))
-            y, x = margin + i * cell, margin + j * cell
-            img[y:y + cell - 2, x:x + cell - 2] = (shade, shade, 255)
-            color = (0, 0, 0) if rows[i, j] < 0.6 else (255, 255, 255)
-            cv2.putText(img, f"{rows[i, j]:.2f}", (x + 6, y + cell // 2 + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.45, color, 1,
-                        cv2.LINE_AA)
-        cv2.putText(img, names[i][:7], (4, margin + i * cell + cell // 2 + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
-                    (0, 0, 0), 1, cv2.LINE_AA)
-        cv2.putText(img, names[i][:7], (margin + i * cell + 4, margin - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
-                    (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(img, "truth \\ pred", (4, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    return img
 
 
 def clean(value):
@@ -242,8 +213,10 @@ def show(picture: Path) -> None:
     try:
         import matplotlib.pyplot as plt
 
+        from fileio import read_image
+
         if plt.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo", "template"):
-            plt.imshow(cv2.imdecode(np.fromfile(picture, np.uint8), cv2.IMREAD_COLOR)[..., ::-1])
+            plt.imshow(read_image(picture))
             plt.axis("off")
             plt.show()
             return
@@ -252,199 +225,191 @@ def show(picture: Path) -> None:
     print(f"note: no display here (--vis); open {picture}")
 
 
-# ----------------------------------------------------------------------------------------------- the loop
-def predict_folder(model: torch.nn.Module, loader: DataLoader, infer: dict, batch_size: int, device: torch.device,
-                   on_batch) -> None:
-    """Predict every item of a ValidationSet loader; hand each batch's (logits, masks, indices, thumbnails) on.
-
-    Consecutive images of one shape that fits in a tile are stacked into batches and run whole; larger images go
-    alone through predict(), which slides the tile over them. Images over 16 Mpx are blended in host memory.
-    """
-    tile, pending = infer["tile_size"], []
-
-    def flush() -> None:
-        if pending:
-            images, masks, indices, thumbs = zip(*pending, strict=True)
-            on_batch(predict(model, torch.stack(images).to(device, non_blocking=True), **infer), masks, indices,
-                     thumbs)
-            pending.clear()
-
-    for image, mask, index, thumb, error in loader:
-        if error:
-            raise UserError(error)
-        h, w = image.shape[-2:]
-        if (h <= tile and w <= tile) or infer["resize_to"]:
-            if pending and pending[0][0].shape != image.shape:
-                flush()
-            pending.append((image, mask, index, thumb))
-            if len(pending) == batch_size:
-                flush()
-        else:
-            flush()
-            big = image.shape[-1] * image.shape[-2] > 4096 * 4096
-            on_batch(predict(model, image[None] if big else image[None].to(device, non_blocking=True), **infer),
-                     [mask], [index], [thumb])
-    flush()
-
-
+# ------------------------------------------------------------------------------------------------ evaluation
 class Evaluation:
     """What happens to each predicted batch: metrics accumulated on the device for the whole batch at once, then
-    the files asked for, image by image."""
+    the files asked for, written by a few threads while the model works on the next batch."""
 
-    def __init__(self, labels: Labels, threshold: float, samples: list, device: torch.device,
-                 args: argparse.Namespace | None = None, out: Path | None = None):
-        self.binary, self.threshold, self.samples, self.device = labels.binary, threshold, samples, device
-        self.args, self.out = args, out
-        self.num_classes = labels.num_classes
-        self.values = label_values(labels)
-        self.cm = torch.zeros((self.num_classes,) * 2, dtype=torch.long, device=device)
-        self.per_image: list[torch.Tensor] = []  # (N, C, C) per batch
+    def __init__(self, predictor, samples: list, args: argparse.Namespace, out: Path | None):
+        import torch
+
+        from metrics import ConfusionMatrix
+
+        self.predictor, self.samples, self.args, self.out = predictor, samples, args, out
+        self.device = predictor.runner.device
+        self.num_classes = predictor.meta.labels.num_classes
+        self.values = predictor.meta.labels.label_values()
+        self.cm = ConfusionMatrix(self.num_classes, self.device)
+        self.per_image: list = []  # (N, C, C) per batch
         self.stems: list[str] = []
-        self.sweep = torch.zeros((2, SWEEP_BINS), dtype=torch.long, device=device)  # background / foreground
+        self.sweep = torch.zeros((2, SWEEP_BINS), dtype=torch.long, device=self.device)  # background / foreground
         self.worst: list = []  # heap of (-iou, plot number, picture): the number breaks ties between equal IoUs
         self.plotted = itertools.count()
+        self.pending: list[Future] = []
+        self.pool = ThreadPoolExecutor(4)
         self.first_plot = None
         self.pixels = 0
 
-    def __call__(self, logits: torch.Tensor, masks: list, indices: list[int], thumbs: list) -> None:
-        logits = logits.float().to(self.device)
-        probs = torch.sigmoid(logits) if self.binary else torch.softmax(logits, 1)
-        preds = (probs[:, 0] > self.threshold).long() if self.binary else probs.argmax(1)
-        self.stems += [self.samples[i].stem for i in indices]
-        self.pixels += preds.numel()
-        image_cms = truth = None
-        if masks[0] is not None:
-            truth = torch.stack(masks).to(self.device, non_blocking=True)
-            image_cms = metrics.per_image_confusion(preds, truth, self.num_classes)
-            self.cm += image_cms.sum(0)
-            self.per_image.append(image_cms)
-            if self.args is not None and self.args.find_threshold:
+    def add(self, probs, batch: dict) -> None:
+        """probs: (N, K, H, W) on the device, for the batch's images."""
+        import torch
+
+        import metrics
+        from dataset import IGNORE_INDEX
+
+        classes = self.predictor.classes(probs)
+        self.stems += [self.samples[i].stem for i in batch["index"].tolist()]
+        self.pixels += classes.numel()
+        ious = truth = None
+        if "mask" in batch:
+            truth = batch["mask"].to(self.device, non_blocking=True)
+            per_image = self.cm.update(classes, truth)
+            self.per_image.append(per_image)
+            ious = metrics.mean_foreground_iou(per_image).tolist()
+            if self.args.find_threshold:
                 valid = truth != IGNORE_INDEX
                 q = (probs[:, 0][valid] * SWEEP_BINS).long().clamp_(0, SWEEP_BINS - 1)
                 self.sweep.view(-1).index_add_(0, truth[valid].long() * SWEEP_BINS + q, torch.ones_like(q))
-        if self.out is None:
-            return
-        preds = preds.cpu().numpy().astype(np.uint8)
-        ious = None if image_cms is None else metrics.mean_foreground_iou(image_cms).tolist()
-        for k, index in enumerate(indices):
-            self.write(self.samples[index].stem, probs[k], preds[k], None if truth is None else truth[k],
-                       None if ious is None else ious[k], thumbs[k])
+        if self.out is not None:
+            self.write(probs, classes, truth, ious, batch)
 
-    def write(self, stem: str, probs: torch.Tensor, pred: np.ndarray, truth: torch.Tensor | None, iou: float | None,
-              thumb) -> None:
-        args, out = self.args, self.out
-        write_outputs(args, out, stem, probs, pred, self.values)
-        if args.plots:
-            truth = None if truth is None else truth.cpu().numpy()
-            panel = plot_panel(thumb, truth, pred, self.num_classes, stem + ("" if iou is None else f"  IoU {iou:.3f}"))
-            path = out / "plots" / (f"{stem}_iou{iou:.4f}.png" if iou is not None else f"{stem}.png")
-            write_image(path, panel)
-            self.first_plot = self.first_plot or path
-            if iou is not None:
-                scale = min(1.0, 200 / panel.shape[0])
-                heapq.heappush(self.worst, (-iou, next(self.plotted),
-                                            cv2.resize(panel, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)))
-                if len(self.worst) > args.worst:
-                    heapq.heappop(self.worst)
+    def write(self, probs, classes, truth, ious: list | None, batch: dict) -> None:
+        """Hand each image's files to the thread pool (at most a few batches wait, to bound memory)."""
+        probs = probs.float().cpu().numpy() if self.args.raw else [None] * len(classes)
+        classes = classes.byte().cpu().numpy()
+        truth = truth.cpu().numpy() if truth is not None and self.args.plots else [None] * len(classes)
+        thumbs = batch["thumb"].numpy() if "thumb" in batch else [None] * len(classes)
+        for k, index in enumerate(batch["index"].tolist()):
+            iou = None if ious is None else ious[k]
+            self.pending.append(self.pool.submit(self.write_one, self.samples[index].stem, probs[k], classes[k],
+                                                 truth[k], iou, thumbs[k]))
+        while len(self.pending) > 4 * self.args.batch_size:
+            self.collect(self.pending.pop(0))
+
+    def write_one(self, stem: str, probs, classes: np.ndarray, truth, iou: float | None, thumb):
+        """Masks, probabilities and the plot of one image (in a pool thread); returns the plot's path and a small
+        copy of it for worst.png."""
+        import cv2
+
+        from fileio import write_image
+
+        write_outputs(self.args, self.out, stem, probs, self.values[classes])
+        if not self.args.plots:
+            return None
+        panel = plot_panel(thumb, truth, classes, self.num_classes, stem + ("" if iou is None else f"  IoU {iou:.3f}"))
+        path = self.out / "plots" / (f"{stem}_iou{iou:.4f}.png" if iou is not None else f"{stem}.png")
+        write_image(path, panel)
+        scale = min(1.0, 200 / panel.shape[0])
+        return path, iou, cv2.resize(panel, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+
+    def collect(self, future: Future) -> None:
+        result = future.result()
+        if result is None:
+            return
+        path, iou, small = result
+        self.first_plot = self.first_plot or path
+        if iou is not None:
+            heapq.heappush(self.worst, (-iou, next(self.plotted), small))
+            if len(self.worst) > self.args.worst:
+                heapq.heappop(self.worst)
+
+    def finish(self) -> None:
+        for future in self.pending:
+            self.collect(future)
+        self.pending.clear()
+        self.pool.shutdown()
+
+
+def predict_all(predictor, loader, evaluation: Evaluation, total: int) -> None:
+    """Every batch through the model: whole images on the device; an image over HOST_PIXELS is blended tile by
+    tile in host memory, so only tiles occupy the device."""
+    import torch
+    from tqdm import tqdm
+
+    runner = predictor.runner
+    with tqdm(total=total, desc="predicting", leave=False, dynamic_ncols=True) as bar:
+        for batch in loader:
+            images = batch["image"]
+            if images.shape[1] * images.shape[2] > HOST_PIXELS and not predictor.meta.resize:
+                probs = torch.from_numpy(predictor.predict(images[0].numpy()).probs[None]).to(runner.device)
+            else:
+                probs = predictor.probabilities(predictor.logits(runner.asarray(images)))
+            evaluation.add(probs, batch)
+            bar.update(len(images))
+    evaluation.finish()
 
 
 # ------------------------------------------------------------------------------------------------------ main
 def main(args: argparse.Namespace) -> int:
-    ckpt_path = resolve_checkpoint(args)
-    ckpt = load_checkpoint(ckpt_path)
-    meta = ckpt["meta"]
-    labels = Labels.from_meta(meta["labels"])
-    names = meta["class_names"]
-    if args.find_threshold and not labels.binary:
-        raise UserError("--find-threshold is for binary models; this one has classes " + ", ".join(names))
-    if args.save_threshold and not args.find_threshold:
-        raise UserError("--save-threshold needs --find-threshold")
-    threshold = args.thres if args.thres is not None else meta.get("threshold", 0.5)
-    if not 0 < threshold < 1:
-        raise UserError(f"-t {threshold} must be between 0 and 1")
-    tile = args.tile_size or meta.get("val_tile_size", meta["image_size"])
-    if tile % 32 or tile < min_input_size(meta["arch"]):
-        raise UserError(f"--tile-size {tile} must be a multiple of 32 and at least {min_input_size(meta['arch'])}")
-    if not 0 <= args.overlap < 1:
-        raise UserError(f"--overlap {args.overlap} must be at least 0 and below 1")
+    from dataset import SegmentationDataset
+    from inference import Predictor
+    from loaders import eval_loader
+    from runtime import configure, default_workers, select_device
+
+    path = model_path(args)
+    device = select_device(args.cpu, args.device)
+    predictor = Predictor.load(path, device=str(device), amp=args.amp, tile_size=args.tile_size,
+                               overlap=args.overlap, tta=args.tta, batch_size=args.batch_size, threshold=args.threshold)
+    check_flags(args, predictor)
+    configure(device)
     data_dir = Path(args.dataset_dir)
-    if not (data_dir / "images").is_dir() and (data_dir / "val" / "images").is_dir():
-        raise UserError(f"{data_dir} has no images/ folder but {data_dir / 'val'} has one: pass -d {data_dir / 'val'}")
-    samples = find_samples(data_dir, meta["add_dirs"], masks="optional")
+    workers = args.workers if args.workers is not None else default_workers(device)
+    samples, sizes = check_data(data_dir, predictor, workers)
     has_gt = samples[0].mask is not None
     if args.com and not has_gt:
         raise UserError(f"--com computes metrics only, but {data_dir} has no gt/ folder")
     if not has_gt:
         print(f"note: {data_dir} has no gt/ folder: predicting only, no metrics")
-    out = prepare_output(args, ckpt_path, data_dir)
-    for flag, sub in ((args.binary, "masks"), (args.raw, "raw"), (args.plots, "plots")):
-        if flag and not args.com:
-            (out / sub).mkdir(exist_ok=True)
-
-    device = select_device(args.cpu, args.device)
-    amp = amp_dtype(args.amp, device)
-    configure(device)
-    model = model_from_checkpoint(ckpt).to(device).eval()
-    if device.type in ("cuda", "cpu"):  # channels-last convolutions: faster on both (bench/RESULTS.md)
-        model.to(memory_format=torch.channels_last)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
-
-    infer = {"tile_size": tile, "overlap": args.overlap, "tta": args.tta, "batch_size": args.batch,
-             "autocast": autocast, "min_size": min_input_size(meta["arch"]),
-             "resize_to": meta["image_size"] if meta["resize"] else None}
-    dataset = ValidationSet(samples, labels, ChannelStats(**meta["stats"]), meta["in_channels"], meta["add_dirs"],
-                            thumbnails=args.plots and not args.com)
-    workers = args.workers if args.workers is not None else default_workers(device)
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                        worker_init_fn=worker_init, prefetch_factor=4 if workers else None, collate_fn=as_is)
-    evaluation = Evaluation(labels, threshold, samples, device, args, None if args.com else out)
+    out = prepare_output(args, path, data_dir)
+    meta = predictor.meta
+    dataset = SegmentationDataset(samples, meta.labels, meta.stats, thumbnails=args.plots and not args.com)
+    loader = eval_loader(dataset, sizes, args.batch_size, None if meta.resize else predictor.tile_size, workers,
+                         device)
+    evaluation = Evaluation(predictor, samples, args, None if args.com else out)
     t0 = time.monotonic()
-    predict_folder(model, tqdm(loader, total=len(samples), desc="predicting", leave=False, dynamic_ncols=True),
-                   infer, args.batch, device, evaluation)
+    predict_all(predictor, loader, evaluation, len(samples))
     seconds = time.monotonic() - t0
     print(f"{len(samples)} images, {evaluation.pixels / 1e6:.1f} Mpx in {seconds:.1f}s ({len(samples) / seconds:.1f} "
           f"img/s, {evaluation.pixels / 1e6 / seconds:.2f} Mpx/s) on {device}; outputs in {out}")
     if has_gt:
-        report(args, out, ckpt_path, data_dir, names, threshold, evaluation, tile)
+        report(args, out, path, data_dir, predictor, evaluation)
         if args.find_threshold:
-            best = threshold_sweep(evaluation.sweep.cpu().numpy(), threshold)
-            if args.save_threshold:
-                ckpt["meta"]["threshold"] = best
-                save_checkpoint(ckpt_path, ckpt)
-                print(f"saved threshold {best:.2f} in {ckpt_path}; later runs use it unless -t is given")
-    if args.vis:
-        if evaluation.first_plot:
-            show(evaluation.first_plot)
-        else:
-            print("note: --vis shows the first plot; add --plots")
+            save_threshold(args, path, threshold_sweep(evaluation.sweep.cpu().numpy(), predictor.threshold))
+    if args.vis and evaluation.first_plot:
+        show(evaluation.first_plot)
+    elif args.vis:
+        print("note: --vis shows the first plot; add --plots")
     return 0
 
 
-def report(args, out: Path, ckpt_path: Path, data_dir: Path, names: list[str], threshold: float,
-           evaluation: Evaluation, tile: int) -> None:
-    s = metrics.summarize(evaluation.cm)
+def report(args: argparse.Namespace, out: Path, ckpt_path: Path, data_dir: Path, predictor,
+           evaluation: Evaluation) -> None:
+    import torch
+
+    import metrics
+    import visualize
+    from fileio import write_image, write_text
+
+    names = predictor.meta.class_names
+    s = evaluation.cm.compute()
     keyed = {k: dict(zip(names, s[k], strict=True)) for k in ("per_class_iou", "f1", "precision", "recall")}
     result = {"miou": s["miou"], **keyed, "accuracy": s["accuracy"], "confusion_matrix": s["confusion_matrix"],
-              "classes": names, "threshold": threshold if len(names) == 2 else None, "checkpoint": str(ckpt_path),
-              "dataset": str(data_dir), "images": len(evaluation.stems), "tile_size": tile, "overlap": args.overlap,
-              "tta": args.tta}
+              "classes": names, "threshold": predictor.threshold if predictor.meta.binary else None,
+              "checkpoint": str(ckpt_path), "dataset": str(data_dir), "images": len(evaluation.stems),
+              "tile_size": predictor.tile_size, "overlap": predictor.overlap, "tta": predictor.tta}
     write_text(out / "metrics.json", json.dumps(clean(result), indent=2) + "\n")
-    pics = torch.cat(evaluation.per_image).cpu()
-    ious = metrics.iou_per_class(pics).numpy()
-    miou = metrics.mean_foreground_iou(pics).numpy()
+    per_image = torch.cat(evaluation.per_image).cpu()
+    scores = metrics.class_scores(per_image)
+    miou = metrics.mean_foreground_iou(per_image).tolist()
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["file", *[f"iou_{n}" for n in names], "miou", *[f"f1_{n}" for n in names[1:]]])
-    for stem, row, m, image_cm in zip(evaluation.stems, ious, miou, pics.double(), strict=True):
-        tp = image_cm.diagonal()
-        f1 = (2 * tp / (image_cm.sum(0) + image_cm.sum(1))).tolist()[1:]
-        w.writerow([stem, *[f"{v:.6f}" if not math.isnan(v) else "" for v in row], f"{m:.6f}",
-                    *[f"{v:.6f}" if not math.isnan(v) else "" for v in f1]])
+    for k, stem in enumerate(evaluation.stems):
+        w.writerow([stem, *[_cell(v) for v in scores["iou"][k].tolist()], f"{miou[k]:.6f}",
+                    *[_cell(v) for v in scores["f1"][k, 1:].tolist()]])
     write_text(out / "per_image.csv", buf.getvalue())
     if len(names) > 2 and not args.com:
-        write_image(out / "confusion_matrix.png", confusion_png(np.asarray(s["confusion_matrix"]), names))
+        write_image(out / "confusion_matrix.png", visualize.confusion_png(np.asarray(s["confusion_matrix"]), names))
     if evaluation.worst and not args.com:
         panels = [p for _, _, p in sorted(evaluation.worst, key=lambda t: -t[0])]
         write_image(out / "worst.png", visualize.stack_rows(panels))
@@ -452,8 +417,12 @@ def report(args, out: Path, ckpt_path: Path, data_dir: Path, names: list[str], t
     for i, n in enumerate(names):
         print(f"{n:>8} " + " ".join(f"{v:7.4f}" for v in (s["per_class_iou"][i], s["f1"][i], s["precision"][i],
                                                            s["recall"][i])))
-    print(f"accuracy {s['accuracy']:.4f}" + (f", threshold {threshold:.2f}" if len(names) == 2 else ""))
+    print(f"accuracy {s['accuracy']:.4f}" + (f", threshold {predictor.threshold:.2f}" if predictor.meta.binary else ""))
     print(f"mIoU: {s['miou']:.4f}")
+
+
+def _cell(v: float) -> str:
+    return "" if math.isnan(v) else f"{v:.6f}"
 
 
 def threshold_sweep(hist: np.ndarray, current: float) -> float:
@@ -473,6 +442,19 @@ def threshold_sweep(hist: np.ndarray, current: float) -> float:
     best = float(grid[int(np.argmax([iou(t) for t in grid]))])
     print(f"best threshold {best:.2f}: IoU {iou(best):.4f} (at {current:.2f}: {iou(current):.4f})")
     return best
+
+
+def save_threshold(args: argparse.Namespace, path: Path, best: float) -> None:
+    """--save-threshold: the checkpoint rewritten (atomically) with the best threshold in its metadata."""
+    from dataclasses import replace
+
+    import checkpoint
+
+    if not args.save_threshold:
+        return
+    ckpt = checkpoint.load(path)
+    checkpoint.save(path, replace(ckpt, meta=replace(ckpt.meta, threshold=best)))
+    print(f"saved threshold {best:.2f} in {path}; later runs use it unless -t is given")
 
 
 if __name__ == "__main__":

@@ -82,3 +82,24 @@ def stack_rows(rows: list[np.ndarray], gap: int = 4) -> np.ndarray:
     for r in rows:
         out.append(np.pad(r, ((0, gap), (0, width - r.shape[1]), (0, 0)), constant_values=255))
     return np.concatenate(out, axis=0)[:-gap]
+
+
+def confusion_png(cm: np.ndarray, names: list[str]) -> np.ndarray:
+    """Row-normalised confusion matrix (truth rows, prediction columns) as a picture."""
+    n, cell, margin = len(names), 56, 70
+    rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    img = np.full((margin + n * cell + 10, margin + n * cell + 10, 3), 255, np.uint8)
+
+    def text(s: str, x: int, y: int, color=(0, 0, 0)) -> None:
+        cv2.putText(img, s, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 0.45, color, 1, cv2.LINE_AA)
+
+    for i in range(n):
+        for j in range(n):
+            shade = int(255 * (1 - rows[i, j]))
+            y, x = margin + i * cell, margin + j * cell
+            img[y:y + cell - 2, x:x + cell - 2] = (shade, shade, 255)
+            text(f"{rows[i, j]:.2f}", x + 6, y + cell // 2 + 4, (0, 0, 0) if rows[i, j] < 0.6 else (255, 255, 255))
+        text(names[i][:7], 4, margin + i * cell + cell // 2 + 4)
+        text(names[i][:7], margin + i * cell + 4, margin - 10)
+    text("truth \\ pred", 4, 20)
+    return img

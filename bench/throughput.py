@@ -14,7 +14,6 @@ Measures, after warm-up, the median of --repeats timed runs (CUDA synchronised):
 Defaults: unet + resnet34, 512 px, batch 16 on CUDA; unet + resnet18, 128 px, batch 8 on CPU; preset hard.
 """
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -36,15 +35,14 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from augmentations import PRESETS, train_transform  # noqa: E402
-from dataset import Labels, RamCache, SegmentationDataset, as_is, channel_stats, find_samples, scan_samples  # noqa: E402
+from checkpoint import ModelMeta  # noqa: E402
+from dataset import Labels, SegmentationDataset, channel_stats, find_samples, scan_samples  # noqa: E402
 from fileio import write_image  # noqa: E402
-from inference import predict  # noqa: E402
-from losses import SegmentationLoss  # noqa: E402
+from loaders import EpochBatchSampler, RamCache, eval_loader, loader_options  # noqa: E402
+from metrics import ConfusionMatrix  # noqa: E402
 from model import build_model  # noqa: E402
 from runtime import AMP_CHOICES, amp_dtype, configure, cpu_count, default_workers, select_device  # noqa: E402
-from train import loader_options, make_optimizer, make_scheduler  # noqa: E402
-from trainer import EpochBatchSampler, Trainer  # noqa: E402
-from validate import Evaluation, ValidationSet, predict_folder  # noqa: E402
+from trainer import TrainConfig, Trainer  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -130,41 +128,41 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def run(args, device, encoder, size, batch, workers, amp, add_dirs, sync, data: Path) -> dict:
-    cuda = device.type == "cuda"
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type in ("cuda", "cpu"))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     labels = Labels.from_args(None, None, None)
     samples = find_samples(data / "train", add_dirs)
     infos = scan_samples(samples, with_stats=True, workers=workers)
     stats = channel_stats(infos, labels)
-    channels, rgb8 = infos[0].channels, infos[0].channels == 3 and infos[0].dtype == "uint8"
+    channels, dtype = infos[0].channels, infos[0].dtype
     sizes = [(i.height, i.width) for i in infos]
-    cache = RamCache(samples, labels.lut(), sizes, channels, infos[0].dtype, workers) if args.cache == "ram" else None
+    meta = ModelMeta(args.model, encoder, channels, 1, labels, add_dirs, stats, dtype, size, False, size)
+    cache = RamCache(samples, labels.lut(), sizes, channels, dtype, workers) if args.cache == "ram" else None
     model, _ = build_model(args.model, encoder, channels, 1, "none")
     model.to(device, memory_format=memory_format)
-    criterion = SegmentationLoss("dice", binary=True).to(device)
-    ns = argparse.Namespace(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, scheduler="cosine",
-                            epochs=1000, warmup_epochs=0)
-    optimizer = make_optimizer(ns, model)
     pad = any(h < size or w < size for h, w in sizes)
-    dataset = SegmentationDataset(samples, labels, stats, train_transform(args.aug, size, rgb8, False, pad), cache)
+    transform = train_transform(args.aug, size, channels == 3 and dtype == "uint8", False, pad)
+    dataset = SegmentationDataset(samples, labels, stats, transform, cache)
     loader = DataLoader(dataset, batch_sampler=EpochBatchSampler(len(dataset), batch, seed=0),
                         **loader_options(workers, device))
-    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    trainer = Trainer(torch.compile(model) if args.compile else model, criterion, optimizer,
-                      make_scheduler(ns, optimizer, len(loader)), scaler, loader, [], device, amp,
-                      Path(tempfile.gettempdir()), {}, ["0", "255"], 1000, 0, channels_last=channels_last)
+    cfg = TrainConfig(Path(tempfile.gettempdir()), device, 1000, amp, channels_last, args.compile, seed=0,
+                      warmup_epochs=0, val_batch_size=batch)
+    trainer = Trainer(cfg, model, loader, [], meta)
     results = {}
     # 1. model only: the training step on one device-resident batch (the first call compiles, if asked)
-    x = torch.randn(batch, channels, size, size, device=device).contiguous(memory_format=memory_format)
+    x = torch.randint(0, 255, (batch, size, size, channels), device=device, dtype=torch.uint8)
+    if dtype != "uint8":
+        x = torch.rand(batch, size, size, channels, device=device)
     y = (torch.rand(batch, size, size, device=device) > 0.7).to(torch.uint8)
+    one = [{"image": x, "mask": y}]
     sync()
     t0 = time.perf_counter()
-    trainer.train_one_epoch(1, [(x, y, None)])
+    trainer.train_one_epoch(1, one)
     sync()
     results["first_step_s"] = time.perf_counter() - t0
-    t = timed(lambda: trainer.train_one_epoch(1, [(x, y, None)] * args.steps), args.repeats, sync)
-    results["model_only"] = args.steps * batch / statistics.median(t)
+    steps = len(loader)
+    t = timed(lambda: trainer.train_one_epoch(1, one * steps), args.repeats, sync)
+    results["model_only"] = steps * batch / statistics.median(t)
 
     # 2. loader only: the real data path, nothing on the device; one stream of batches, as Trainer.fit() uses
     stream = iter(loader)
@@ -173,22 +171,32 @@ def run(args, device, encoder, size, batch, workers, amp, add_dirs, sync, data: 
 
     # 3. end to end: the real trainer's epochs over the real loader
     epochs = itertools.count(2)
-    t = timed(lambda: trainer.train_one_epoch(next(epochs), itertools.islice(stream, len(loader))), args.repeats,
-              sync)
-    results["end_to_end"] = len(loader) * batch / statistics.median(t)
+    t = timed(lambda: trainer.train_one_epoch(next(epochs), itertools.islice(stream, steps)), args.repeats, sync)
+    results["end_to_end"] = steps * batch / statistics.median(t)
     results["end_to_end_over_model_only"] = results["end_to_end"] / results["model_only"]
     results["loader_over_end_to_end"] = results["loader_only"] / results["end_to_end"]
+    results.update(validation(args, trainer, data, add_dirs, labels, stats, batch, size, workers, device, sync))
+    results.update({
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        f"CPU ({platform.processor() or platform.machine()}, {cpu_count()} cores)",
+        "torch": str(torch.__version__), "smp": str(smp.__version__), "model": args.model, "encoder": encoder,
+        "image_size": size, "batch_size": batch, "aug": args.aug, "workers": workers,
+        "amp": str(amp).replace("torch.", "") if amp else "off", "channels": channels, "data": str(data),
+        "train_images": len(samples), "repeats": args.repeats, "steps": args.steps, "cache": args.cache,
+        "compile": args.compile, "channels_last": channels_last,
+    })
+    return results
 
-    # 4. validation: the forward limit, validate.py's loop over tiles, and the sliding window
-    model.eval()
 
-    def autocast():
-        return torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
+def validation(args, trainer, data, add_dirs, labels, stats, batch, size, workers, device, sync) -> dict:
+    """The forward limit, the validation loop over tile-size images, and the sliding window."""
+    predictor, results = trainer.predictor, {}
+    predictor.runner.model.eval()
+    x = predictor.runner.asarray(torch.randint(0, 255, (batch, size, size, len(stats.mean)), dtype=torch.uint8))
 
     def forward():
-        with torch.no_grad(), autocast():
-            for _ in range(args.steps):
-                model(x)
+        for _ in range(args.steps):
+            predictor.runner.forward(x)
 
     t = timed(forward, args.repeats, sync)
     results["val_forward_only"] = args.steps * batch / statistics.median(t)
@@ -196,31 +204,24 @@ def run(args, device, encoder, size, batch, workers, amp, add_dirs, sync, data: 
     val_all = find_samples(val_dir, add_dirs)
     val_samples = [s for s, i in zip(val_all, scan_samples(val_all, False, workers), strict=True)
                    if (i.height, i.width) == (size, size)]
-    infer = {"tile_size": size, "overlap": 0.5, "tta": "none", "batch_size": batch, "autocast": autocast,
-             "min_size": 32, "resize_to": None}
     if val_samples:
-        val_set = ValidationSet(val_samples, labels, stats, channels, add_dirs, thumbnails=False)
-        val_loader = DataLoader(val_set, batch_size=None, num_workers=workers, pin_memory=cuda,
-                                persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
-                                collate_fn=as_is)
-        t = timed(lambda: predict_folder(model, val_loader, infer, batch, device,
-                                         Evaluation(labels, 0.5, val_samples, device)), args.repeats, sync)
+        loader = eval_loader(SegmentationDataset(val_samples, labels, stats), [(size, size)] * len(val_samples), batch,
+                             size, workers, device, repeat=True)
+        def validate():  # the trainer's evaluation: batches from the workers, metrics on the device
+            cm = ConfusionMatrix(labels.num_classes, device)
+            for b in itertools.islice(iter_loader, len(loader)):
+                logits = predictor.logits(predictor.runner.asarray(b["image"]))
+                cm.update(predictor.classes(predictor.probabilities(logits)), b["mask"].to(device))
+
+        iter_loader = iter(loader)
+        t = timed(validate, args.repeats, sync)
         results["val_tiles"] = len(val_samples) / statistics.median(t)
         results["val_tiles_over_forward"] = results["val_tiles"] / results["val_forward_only"]
     side = args.sliding_size or 4 * size
-    big = torch.randn(1, channels, side, side + size // 2, device=device)
-    t = timed(lambda: predict(model, big, **infer), args.repeats, sync)
+    big = predictor.runner.asarray(torch.randint(0, 255, (1, side, side + size // 2, len(stats.mean)),
+                                                 dtype=torch.uint8))
+    t = timed(lambda: predictor.logits(big), args.repeats, sync)
     results["val_sliding_mpx_s"] = big.shape[-1] * big.shape[-2] / 1e6 / statistics.median(t)
-
-    results.update({
-        "device": torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()}"
-                                                                   f", {cpu_count()} cores)",
-        "torch": str(torch.__version__), "smp": str(smp.__version__), "model": args.model, "encoder": encoder,
-        "image_size": size, "batch_size": batch, "aug": args.aug, "workers": workers,
-        "amp": str(amp).replace("torch.", "") if amp else "off", "channels": channels, "data": str(data),
-        "train_images": len(samples), "repeats": args.repeats, "steps": args.steps, "cache": args.cache,
-        "compile": args.compile, "channels_last": channels_last,
-    })
     return results
 
 

@@ -3,15 +3,18 @@
   python dataset_utils/convert_classes_in_masks.py data/train/gt --map "64:1 128:2 255:0"
   python dataset_utils/convert_classes_in_masks.py painted/ -o data/train/gt --palette "0,0,255:1 255,0,0:2 0,0,0:0"
 
-Without -o the folder is converted in place: all masks are written to a temporary folder first and swapped in at the
-end, so an interrupted run leaves the masks as they were. Values not in --map are kept (or, with --unmapped, set to
-a value or reported as an error); colours not in --palette are an error unless --unmapped sets them.
-JPEG masks are written as PNG (JPEG would blur the labels again).
+Without -o the folder is converted in place: every mask is first converted into a hidden folder inside it, then
+each replaces its original in one rename; only the masks are touched (other files and subfolders stay as they are).
+A run interrupted while converting leaves the masks as they were; one interrupted while replacing is finished by
+running the same command again. Values not in --map are kept (or, with --unmapped, set to a value or reported as
+an error); colours not in --palette are an error unless --unmapped sets them. JPEG masks are written as PNG (JPEG
+would blur the labels again).
 """
 import argparse
+import json
+import os
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -20,12 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 from tqdm import tqdm
 
+from cli import Parser
 from errors import UserError, run_cli
-from fileio import is_image_file, read_image, write_image
+from fileio import is_image_file, publish_folder, read_image, scratch_folder, write_image, write_text
+
+WORK = ".segkit-converting"  # the in-place conversion's folder inside the mask folder
+PLAN = "replace.json"  # written once every mask is converted: from then on the conversion only needs finishing
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("masks", help="folder of masks")
     p.add_argument("-o", "--output-dir", help="write converted masks here (a new folder) instead of in place")
     how = p.add_mutually_exclusive_group(required=True)
@@ -84,10 +91,54 @@ def convert_colours(mask: np.ndarray, palette: dict[tuple, int], unmapped: int |
     return (out.astype(np.uint8) if out.max(initial=0) <= 255 else out), unknown
 
 
-def convert(args: argparse.Namespace) -> Counter:
+def convert_all(files: list[Path], into: Path, convert, strict: bool, colour: bool) -> tuple[Counter, dict]:
+    """Write each converted mask into `into`; (label values now, new name -> original file). Unlisted values or
+    colours, with strict, are collected and reported together with nothing written where the user sees it."""
+    after, problems, names = Counter(), [], {}
+    for path in tqdm(files, desc="converting", unit="mask", dynamic_ncols=True):
+        try:
+            new, rest = convert(read_image(path))
+        except ValueError as e:
+            raise UserError(f"{path}: {e}") from None
+        if strict and rest:
+            shown = ", ".join(f"{c} ({n} px)" for c, n in rest[:5]) if colour else ", ".join(map(str, rest[:5]))
+            problems.append(f"{path}: {'colours' if colour else 'values'} not listed: {shown}")
+            continue
+        after.update(np.unique(new).tolist())
+        name = f"{path.stem}.png" if path.suffix.lower() in (".jpg", ".jpeg") else path.name
+        if name in names:
+            raise UserError(f"{path} and {names[name]} would both become {name}; rename one of them first")
+        write_image(into / name, new, atomic=False)  # the whole folder is published or discarded at once
+        names[name] = path
+    if problems:
+        raise UserError(f"{len(problems)} mask(s) hold {'colours' if colour else 'values'} that are not listed; "
+                        "add them, or set them with --unmapped VALUE; nothing was changed:\n  "
+                        + "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more"
+                                                         if len(problems) > 10 else ""))
+    return after, names
+
+
+def replace_in_place(folder: Path, work: Path) -> int:
+    """Move every converted mask of a finished conversion over its original (a JPEG's PNG replaces the JPEG)."""
+    plan = json.loads((work / PLAN).read_text(encoding="utf-8"))
+    for name, original in plan.items():
+        if (work / name).exists():
+            os.replace(work / name, folder / name)
+        if original != name:
+            (folder / original).unlink(missing_ok=True)
+    shutil.rmtree(work)
+    return len(plan)
+
+
+def convert(args: argparse.Namespace) -> Counter | None:
     folder = Path(args.masks)
     if not folder.is_dir():
         raise UserError(f"{folder}: mask folder not found")
+    work = folder / WORK
+    if not args.output_dir and (work / PLAN).exists():
+        n = replace_in_place(folder, work)
+        print(f"finished an interrupted conversion: {n} masks in {folder} are converted (not converted again)")
+        return None
     files = sorted(p for p in folder.iterdir() if is_image_file(p))
     if not files:
         raise UserError(f"{folder} holds no mask images")
@@ -98,50 +149,35 @@ def convert(args: argparse.Namespace) -> Counter:
         unmapped = None if args.unmapped in (None, "error") else int(args.unmapped)
     except ValueError:
         raise UserError(f"--unmapped {args.unmapped} must be 'error' or a value") from None
-    out = Path(args.output_dir) if args.output_dir else folder
-    if args.output_dir and out.exists() and any(out.iterdir()):
-        raise UserError(f"-o {out} already exists and is not empty; choose a new folder or convert in place")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
-    except OSError as e:
-        raise UserError(f"cannot write next to {out} ({e.strerror})") from None
-    after, problems = Counter(), []
-    try:
-        for path in tqdm(files, desc="converting", unit="mask", dynamic_ncols=True):
-            mask = read_image(path)
-            try:
-                new, rest = (convert_colours if colour else convert_values)(mask, pairs, unmapped)
-            except ValueError as e:
-                raise UserError(f"{path}: {e}") from None
-            if strict and rest:
-                shown = ", ".join(f"{c} ({n} px)" for c, n in rest[:5]) if colour else ", ".join(map(str, rest[:5]))
-                problems.append(f"{path}: {'colours' if colour else 'values'} not listed: {shown}")
-                continue
-            after.update(np.unique(new).tolist())
-            ext = ".png" if path.suffix.lower() in (".jpg", ".jpeg") else path.suffix
-            write_image(scratch / f"{path.stem}{ext}", new, atomic=False)  # the scratch folder is swapped in whole
-        if problems:
-            raise UserError(f"{len(problems)} mask(s) hold {'colours' if colour else 'values'} that are not listed; "
-                            "add them, or set them with --unmapped VALUE; nothing was changed:\n  "
-                            + "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more"
-                                                            if len(problems) > 10 else ""))
-        if args.output_dir:
-            if out.exists():
-                out.rmdir()
-            scratch.rename(out)
-        else:  # swap the folders, keeping any other files the user had in it
-            for p in folder.iterdir():
-                if not is_image_file(p) and p.is_file():
-                    shutil.copy2(p, scratch / p.name)
-            old = folder.with_name(f".{folder.name}.old")
-            folder.rename(old)
-            scratch.rename(folder)
-            shutil.rmtree(old)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    print(f"converted {len(files)} masks {'in place in' if not args.output_dir else 'into'} {out}; label values now "
-          f"{', '.join(map(str, sorted(after)))}")
+    if unmapped is not None and not 0 <= unmapped <= 65535:
+        raise UserError(f"--unmapped {unmapped} must be a label value between 0 and 65535")
+
+    def one(mask: np.ndarray):
+        return (convert_colours if colour else convert_values)(mask, pairs, unmapped)
+
+    if args.output_dir:
+        out = Path(args.output_dir)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"-o {out} already exists and is not an empty folder; choose a new folder or convert in "
+                            "place")
+        with scratch_folder(out) as scratch:
+            after, _ = convert_all(files, scratch, one, strict, colour)
+            publish_folder(scratch, out)
+    else:
+        shutil.rmtree(work, ignore_errors=True)  # a conversion interrupted before it was complete: start over
+        try:
+            work.mkdir()
+        except OSError as e:
+            raise UserError(f"{folder}: cannot write there ({e.strerror}); convert into a new folder with -o") from None
+        try:
+            after, names = convert_all(files, work, one, strict, colour)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        write_text(work / PLAN, json.dumps({name: path.name for name, path in names.items()}))
+        replace_in_place(folder, work)
+    where = f"into {args.output_dir}" if args.output_dir else f"in place in {folder}"
+    print(f"converted {len(files)} masks {where}; label values now {', '.join(map(str, sorted(after)))}")
     return after
 
 

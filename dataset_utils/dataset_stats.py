@@ -18,21 +18,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 from tqdm import tqdm
 
-from dataset import IGNORE_INDEX, Labels, band_folders, pair_files, read_sample, split_folders
+from cli import Parser, at_least
+from dataset import (
+    IGNORE_INDEX,
+    Labels,
+    band_folders,
+    check_band_names,
+    nonfinite_problem,
+    pair_files,
+    read_sample,
+    split_folders,
+)
 from errors import UserError, run_cli
-from fileio import write_text
+from fileio import output_file, write_text
 from runtime import cpu_count
 
 PERCENTILES = (1, 2, 50, 98, 99)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("root", help="dataset root (train/, val/, ...) or one folder with images/ and gt/")
     p.add_argument("--add-dirs", default=None, help='extra band folders (default: every folder beside images/)')
     p.add_argument("--class-list", default=None, help='mask values that are classes (default "255")')
-    p.add_argument("--max-mask-val", type=int, default=None, help="classes are mask values 1..N")
-    p.add_argument("--ignore-label", type=int, default=None)
+    p.add_argument("--max-mask-val", type=at_least(1), default=None, help="classes are mask values 1..N")
+    p.add_argument("--ignore-label", type=at_least(0), default=None, help="mask value that counts in no class")
     p.add_argument("-o", "--output", help="write the statistics as JSON here")
     return p
 
@@ -83,6 +93,10 @@ class Accumulator:
 def stats(args: argparse.Namespace) -> dict:
     labels = Labels.from_args(args.class_list, args.max_mask_val, args.ignore_label)
     lut = labels.lut()
+    if args.add_dirs is not None:
+        check_band_names(args.add_dirs.split())
+    if args.output:
+        output_file(Path(args.output), "-o")
     report = {}
     for split_dir in split_folders(Path(args.root)):
         bands = args.add_dirs.split() if args.add_dirs is not None else band_folders(split_dir)
@@ -92,8 +106,12 @@ def stats(args: argparse.Namespace) -> dict:
         acc, sizes, dtypes = Accumulator(), Counter(), Counter()
         pixels = np.zeros(labels.num_classes, np.int64)
         with ThreadPoolExecutor(cpu_count()) as pool:
-            for image, mask in tqdm(pool.map(lambda s: read_sample(s, lut), samples), total=len(samples),
-                                    desc=f"reading {split_dir.name}", leave=False, dynamic_ncols=True):
+            read = zip(samples, pool.map(lambda s: read_sample(s, lut), samples), strict=True)
+            for sample, (image, mask) in tqdm(read, total=len(samples), desc=f"reading {split_dir.name}", leave=False,
+                                              dynamic_ncols=True):
+                problem = nonfinite_problem(image, sample.image)
+                if problem:
+                    raise UserError(problem)
                 image = image if image.ndim == 3 else image[..., None]
                 if acc.sums is not None and image.shape[2] != len(acc.sums):
                     raise UserError(f"{split_dir}: images have different channel counts; run check_dataset.py")

@@ -10,9 +10,7 @@ GeoTIFF georeferencing is carried to every tile.
 """
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -20,43 +18,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 from tqdm import tqdm
 
-from dataset_utils.raster import RasterReader, check_size, extratags, shifted_geo
+from cli import Parser, at_least
+from dataset import check_band_names
 from errors import UserError, run_cli
-from fileio import TIFF_EXTENSIONS, write_image, write_text
+from fileio import TIFF_EXTENSIONS, output_folder, scratch_folder, write_image, write_text
+from raster import RasterReader, check_size, extratags, nodata_pixels, shifted_geo, tile_starts
 
 TILE_NAME = "{stem}_r{y:04d}_c{x:04d}"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--image", required=True, help="the large image (any band count; TIFF, PNG, JPG)")
     p.add_argument("--mask", help="its label raster, same size (tiles go to gt/)")
     p.add_argument("--band", action="append", default=[], metavar="NAME=PATH",
                    help="an extra one-band raster, same size, tiles go to NAME/ (repeatable), e.g. nir=scene_nir.tif")
     p.add_argument("-o", "--output-dir", required=True, help="dataset folder to write images/, gt/, <band>/ into")
-    p.add_argument("--tile-size", type=int, default=256, help="tile side in pixels (256)")
-    p.add_argument("--overlap", type=float, default=0, help="overlap of neighbouring tiles: pixels, or a fraction "
-                                                            "of the tile below 1 (0)")
+    p.add_argument("--tile-size", type=at_least(16), default=256, help="tile side in pixels (256)")
+    p.add_argument("--overlap", type=at_least(0, float), default=0,
+                   help="overlap of neighbouring tiles: pixels, or a fraction of the tile below 1 (0)")
     p.add_argument("--edge", choices=["shift", "pad"], default="shift",
                    help="last tile of a row/column: shift it inward to end at the border (all pixels real), or "
                         "pad it past the border with --pad-value and mask 0 (shift)")
     p.add_argument("--pad-value", type=float, default=0, help="image value of padded pixels (0)")
     p.add_argument("--skip-empty", action="store_true", help="skip tiles whose mask has no foreground (no value > 0)")
-    p.add_argument("--nodata", type=float, default=None, help="image value meaning 'no data' (all bands equal to it)")
-    p.add_argument("--max-nodata", type=float, default=0.5,
+    p.add_argument("--nodata", type=float, default=None,
+                   help="image value meaning 'no data' (all bands equal to it); nan for NaN pixels")
+    p.add_argument("--max-nodata", type=at_least(0, float), default=0.5,
                    help="with --nodata: skip tiles with more than this share of nodata pixels (0.5)")
     p.add_argument("--format", choices=["auto", "tif", "png"], default="auto",
                    help="tile files: auto keeps each raster's own kind (TIFF stays TIFF, others become PNG)")
     p.add_argument("--overwrite", action="store_true", help="replace tiles of this scene already in OUT")
     return p
-
-
-def tile_starts(length: int, tile: int, stride: int, edge: str) -> list[int]:
-    """Offsets of the tiles along one axis: every stride, then one tile flush with the end (shift) or past it (pad)."""
-    if edge == "pad":
-        return list(range(0, max(length - tile, 0) + stride, stride)) if length > tile else [0]
-    starts = list(range(0, length - tile + 1, stride))
-    return [*starts, length - tile] if starts[-1] != length - tile else starts
 
 
 def tile_kind(path: Path, fmt: str, dtype, bands: int) -> str:
@@ -67,10 +60,9 @@ def tile_kind(path: Path, fmt: str, dtype, bands: int) -> str:
     return ".png"
 
 
-def split(args: argparse.Namespace) -> dict:
-    """Tile one scene; returns its manifest entry."""
+def open_rasters(args: argparse.Namespace) -> dict[str, RasterReader]:
+    """The image, mask and band rasters by output folder name, checked to be of one size."""
     image = RasterReader(Path(args.image))
-    stem = image.path.stem
     rasters = {"images": image}
     if args.mask:
         rasters["gt"] = RasterReader(Path(args.mask))
@@ -79,8 +71,14 @@ def split(args: argparse.Namespace) -> dict:
         name, sep, path = spec.partition("=")
         if not sep or not name or name in rasters:
             raise UserError(f"--band {spec}: expected NAME=PATH with a new folder name, e.g. --band nir=nir.tif")
+        check_band_names([name], "--band")
         rasters[name] = RasterReader(Path(path))
         check_size(rasters[name], image, f"band {name}")
+    return rasters
+
+
+def tile_grid(args: argparse.Namespace, image: RasterReader) -> tuple[int, list[int], list[int]]:
+    """(overlap in pixels, tile rows, tile columns), or a UserError naming the flag to change."""
     tile = args.tile_size
     overlap = round(args.overlap * tile) if 0 < args.overlap < 1 else int(args.overlap)
     if tile < 16 or tile % 2:
@@ -90,72 +88,79 @@ def split(args: argparse.Namespace) -> dict:
     if args.edge == "shift" and (image.height < tile or image.width < tile):
         raise UserError(f"--tile-size {tile} is larger than {image.path} ({image.width}x{image.height}); use "
                         f"--tile-size {max(16, min(image.height, image.width) // 2 * 2)} or less, or --edge pad")
+    return (overlap, tile_starts(image.height, tile, tile - overlap, args.edge),
+            tile_starts(image.width, tile, tile - overlap, args.edge))
+
+
+def write_tiles(args: argparse.Namespace, rasters: dict, kinds: dict, ys: list[int], xs: list[int], into: Path
+                ) -> tuple[list, dict]:
+    """Every kept tile of every raster into `into`/<folder>/; (kept tile positions, skipped counts by reason)."""
+    image, tile, stem = rasters["images"], args.tile_size, rasters["images"].path.stem
+    kept, skipped = [], {"empty": 0, "nodata": 0}
+    for folder in rasters:
+        (into / folder).mkdir()
+    for y, x in tqdm([(y, x) for y in ys for x in xs], desc=f"tiling {stem}", unit="tile", dynamic_ncols=True):
+        h, w = min(tile, image.height - y), min(tile, image.width - x)
+        windows = {name: r.read(y, x, h, w) for name, r in rasters.items()}
+        if args.skip_empty and not (windows["gt"] > 0).any():
+            skipped["empty"] += 1
+            continue
+        if args.nodata is not None and nodata_pixels(windows["images"], args.nodata).mean() > args.max_nodata:
+            skipped["nodata"] += 1
+            continue
+        name = TILE_NAME.format(stem=stem, y=y, x=x)
+        for folder, data in windows.items():
+            if (h, w) != (tile, tile):  # --edge pad
+                pad = ((0, tile - h), (0, tile - w)) + ((0, 0),) * (data.ndim - 2)
+                data = np.pad(data, pad, constant_values=0 if folder == "gt" else args.pad_value)
+            geo = rasters[folder].geo
+            write_image(into / folder / f"{name}{kinds[folder]}", data, atomic=False,  # scratch folder
+                        extratags=extratags(shifted_geo(geo, y, x)) if geo and kinds[folder] == ".tif" else None)
+        kept.append([y, x])
+    return kept, skipped
+
+
+def split(args: argparse.Namespace) -> dict:
+    """Tile one scene; returns its manifest entry."""
+    rasters = open_rasters(args)
+    image, stem, tile = rasters["images"], rasters["images"].path.stem, args.tile_size
+    overlap, ys, xs = tile_grid(args, image)
     if args.skip_empty and "gt" not in rasters:
         raise UserError("--skip-empty needs --mask")
     kinds = {name: tile_kind(r.path, args.format, r.dtype, r.bands) for name, r in rasters.items()}
-
-    out = Path(args.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".tiling-{stem}-", dir=out))
-    except OSError as e:
-        raise UserError(f"-o {out}: cannot write there ({e.strerror})") from None
+    out = output_folder(Path(args.output_dir), "-o")
     existing = [p for name in rasters for p in (out / name).glob(f"{stem}_r*_c*") if (out / name).is_dir()]
     if existing and not args.overwrite:
-        shutil.rmtree(scratch)
         raise UserError(f"{out} already holds {len(existing)} tile(s) of {stem} (e.g. {existing[0]}); remove them or "
                         "pass --overwrite")
-    for folder in rasters:
-        (scratch / folder).mkdir()
-    ys = tile_starts(image.height, tile, tile - overlap, args.edge)
-    xs = tile_starts(image.width, tile, tile - overlap, args.edge)
-    kept, skipped = [], {"empty": 0, "nodata": 0}
     try:
-        for y, x in tqdm([(y, x) for y in ys for x in xs], desc=f"tiling {stem}", unit="tile", dynamic_ncols=True):
-            h, w = min(tile, image.height - y), min(tile, image.width - x)
-            windows = {name: r.read(y, x, h, w) for name, r in rasters.items()}
-            if args.skip_empty and not (windows["gt"] > 0).any():
-                skipped["empty"] += 1
-                continue
-            if args.nodata is not None:
-                img = windows["images"]
-                nodata = (img == args.nodata).all(axis=-1) if img.ndim == 3 else img == args.nodata
-                if nodata.mean() > args.max_nodata:
-                    skipped["nodata"] += 1
-                    continue
-            name = TILE_NAME.format(stem=stem, y=y, x=x)
-            for folder, data in windows.items():
-                if (h, w) != (tile, tile):  # --edge pad
-                    pad = ((0, tile - h), (0, tile - w)) + ((0, 0),) * (data.ndim - 2)
-                    data = np.pad(data, pad, constant_values=0 if folder == "gt" else args.pad_value)
-                geo = rasters[folder].geo
-                write_image(scratch / folder / f"{name}{kinds[folder]}", data, atomic=False,  # scratch folder
-                            extratags=extratags(shifted_geo(geo, y, x)) if geo and kinds[folder] == ".tif" else None)
-            kept.append([y, x])
-        for p in existing:  # --overwrite: an earlier tiling of this scene goes first
-            p.unlink()
-        for folder in rasters:  # the scene's tiles appear in OUT only once all are written
-            (out / folder).mkdir(exist_ok=True)
-            for f in (scratch / folder).iterdir():
-                f.replace(out / folder / f.name)
+        with scratch_folder(out / f"tiling-{stem}") as scratch:
+            kept, skipped = write_tiles(args, rasters, kinds, ys, xs, scratch)
+            for p in existing:  # --overwrite: an earlier tiling of this scene goes first
+                p.unlink()
+            for folder in rasters:  # the scene's tiles appear in OUT only once all are written
+                (out / folder).mkdir(exist_ok=True)
+                for f in (scratch / folder).iterdir():
+                    f.replace(out / folder / f.name)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
         for r in rasters.values():
             r.close()
     entry = {"image": str(image.path), "height": image.height, "width": image.width, "bands": image.bands,
              "dtype": str(np.dtype(image.dtype)), "tile_size": tile, "overlap": overlap, "edge": args.edge,
              "folders": kinds, "geo": {str(k): v for k, v in image.geo.items()}, "tiles": kept}
-    manifest = out / "manifest.json"
-    data = json.loads(manifest.read_text(encoding="utf-8")) if manifest.exists() else {"sources": {}}
-    data["sources"][stem] = entry
-    write_text(manifest, json.dumps(data, indent=1))
-    total = len(ys) * len(xs)
+    add_to_manifest(out / "manifest.json", stem, entry)
     print(f"{image.path.name} ({image.width}x{image.height}, {image.bands} band(s) {np.dtype(image.dtype)}): "
-          f"{len(kept)} of {total} tiles of {tile} px, overlap {overlap} px, written to {out} "
+          f"{len(kept)} of {len(ys) * len(xs)} tiles of {tile} px, overlap {overlap} px, written to {out} "
           f"({', '.join(rasters)})" + "".join(f"; {n} skipped ({why})" for why, n in skipped.items() if n))
     if image.geo.get(42113) and args.nodata is None:
         print(f"note: the image declares nodata {image.geo[42113]['value']}; pass --nodata to skip empty tiles")
     return entry
+
+
+def add_to_manifest(manifest: Path, stem: str, entry: dict) -> None:
+    data = json.loads(manifest.read_text(encoding="utf-8")) if manifest.exists() else {"sources": {}}
+    data["sources"][stem] = entry
+    write_text(manifest, json.dumps(data, indent=1))
 
 
 def main() -> int:

@@ -14,25 +14,26 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cli import Parser, at_least, fraction
 from dataset import band_folders, pair_files
 from errors import UserError, run_cli
+from fileio import publish_folder, scratch_folder
 
 SCENE = r"^(.+)_r\d+_c\d+$"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("src", help="folder with images/, optional gt/ and band folders")
     p.add_argument("-o", "--output-dir", required=True, help="new dataset root: train/, val/ (and test/) go here")
-    p.add_argument("--val", type=float, default=0.2, help="share of samples for val/ (0.2)")
-    p.add_argument("--test", type=float, default=0.0, help="share of samples for test/ (0)")
-    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same split (0)")
+    p.add_argument("--val", type=fraction, default=0.2, help="share of samples for val/ (0.2)")
+    p.add_argument("--test", type=fraction, default=0.0, help="share of samples for test/ (0)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="the same seed gives the same split (0)")
     p.add_argument("--mode", choices=["copy", "hardlink", "symlink"], default="copy",
                    help="how files reach the new folders: copies, hard links (no extra space, same disk), or "
                         "symbolic links (copy)")
@@ -60,7 +61,7 @@ def assign(groups: dict[str, list], val: float, test: float, seed: int) -> dict[
 
 def split(args: argparse.Namespace) -> dict[str, list[str]]:
     src, out = Path(args.src), Path(args.output_dir)
-    if not 0 < args.val < 1 or not 0 <= args.test < 1 or args.val + args.test >= 1:
+    if args.val == 0 or args.val + args.test >= 1:
         raise UserError(f"--val {args.val} and --test {args.test} must be shares between 0 and 1 that leave some "
                         "samples for training")
     bands = band_folders(src) if src.is_dir() else []
@@ -68,10 +69,17 @@ def split(args: argparse.Namespace) -> dict[str, list[str]]:
     if unpaired:
         raise UserError(f"{len(unpaired)} unpaired file(s) in {src}, e.g. {unpaired[0]}; fix them first "
                         "(dataset_utils/check_dataset.py lists them all)")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"-o {out} already exists and is not empty; choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"-o {out} already exists and is not empty (or not a folder); choose a new folder")
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise UserError(f"-o {out} is inside the source folder {src}; choose a folder outside it")
     groups: dict[str, list] = defaultdict(list)
-    pattern = re.compile(args.prefix_regex)
+    try:
+        pattern = re.compile(args.prefix_regex)
+    except re.error as e:
+        raise UserError(f"--prefix-regex {args.prefix_regex}: not a regular expression ({e})") from None
+    if pattern.groups < 1:
+        raise UserError(f"--prefix-regex {args.prefix_regex} needs a group, (...), around the scene name")
     for s in samples:
         m = pattern.match(s.stem) if args.by_prefix else None
         groups[m.group(1) if m else s.stem].append(s)
@@ -79,31 +87,24 @@ def split(args: argparse.Namespace) -> dict[str, list[str]]:
         raise UserError(f"--by-prefix found {len(groups)} scene(s) in {src}; tiles of one scene cannot be split")
     where = assign(groups, args.val, args.test, args.seed)
     link = {"copy": shutil.copy2, "hardlink": os.link, "symlink": lambda a, b: os.symlink(Path(a).resolve(), b)}
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as e:
-        raise UserError(f"-o {out}: cannot write there ({e.strerror})") from None
     listing: dict[str, list[str]] = defaultdict(list)
-    try:
-        for key, members in groups.items():
-            for s in members:
-                dest = scratch / where[key]
-                files = {"images": s.image, **({"gt": s.mask} if s.mask else {}), **dict(zip(bands, s.bands,
-                                                                                            strict=True))}
-                for folder, path in files.items():
-                    (dest / folder).mkdir(parents=True, exist_ok=True)
-                    link[args.mode](path, dest / folder / path.name)
-                listing[where[key]].append(s.stem)
-        (scratch / "split.json").write_text(json.dumps({"source": str(src), "seed": args.seed, "by_prefix":
-                                                        args.by_prefix, **listing}, indent=1), encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        scratch.rename(out)
-    except OSError as e:
-        shutil.rmtree(scratch, ignore_errors=True)
-        hint = "; hard links need the same disk: use --mode copy" if args.mode == "hardlink" else ""
-        raise UserError(f"could not write the split to {out} ({e.strerror}){hint}; nothing was written") from None
+    with scratch_folder(out) as scratch:
+        try:
+            for key, members in groups.items():
+                for s in members:
+                    dest = scratch / where[key]
+                    files = {"images": s.image, **({"gt": s.mask} if s.mask else {}),
+                             **dict(zip(bands, s.bands, strict=True))}
+                    for folder, path in files.items():
+                        (dest / folder).mkdir(parents=True, exist_ok=True)
+                        link[args.mode](path, dest / folder / path.name)
+                    listing[where[key]].append(s.stem)
+            (scratch / "split.json").write_text(json.dumps({"source": str(src), "seed": args.seed, "by_prefix":
+                                                            args.by_prefix, **listing}, indent=1), encoding="utf-8")
+            publish_folder(scratch, out)
+        except OSError as e:
+            hint = "; hard links need the same disk: use --mode copy" if args.mode == "hardlink" else ""
+            raise UserError(f"could not write the split to {out} ({e.strerror}){hint}; nothing was written") from None
     counts = ", ".join(f"{s} {len(listing[s])}" for s in ("train", "val", "test") if listing.get(s))
     scenes = f" from {len(groups)} scenes" if args.by_prefix else ""
     print(f"{len(samples)} samples{scenes} -> {counts} in {out} ({args.mode}; folders: "

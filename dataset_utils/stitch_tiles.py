@@ -20,15 +20,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 from tqdm import tqdm
 
-from dataset_utils.raster import extratags
+from cli import Parser
 from errors import UserError, run_cli
-from fileio import IMAGE_EXTENSIONS, TIFF_EXTENSIONS, is_image_file, read_image, write_image
+from fileio import IMAGE_EXTENSIONS, TIFF_EXTENSIONS, is_image_file, output_folder, read_image, write_image
+from raster import extratags
 
 NAME = re.compile(r"^(?P<scene>.+)_r(?P<y>\d+)_c(?P<x>\d+)$")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("tiles", help="folder of tiles named <scene>_r<row>_c<col>.<ext>")
     p.add_argument("-o", "--output", required=True,
                    help="output raster (one scene) or folder (one raster per scene, named after it)")
@@ -36,6 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--blend", choices=["auto", "mean", "center"], default="auto",
                    help="overlaps: mean of the tiles, or the tile whose centre is nearest; auto: center for label "
                         "masks (integer, one band), mean otherwise")
+    p.add_argument("--overwrite", action="store_true", help="replace output rasters that already exist")
     return p
 
 
@@ -109,14 +111,14 @@ def stitch(args: argparse.Namespace) -> list[Path]:
     if single and len(scenes) > 1:
         raise UserError(f"{folder} holds tiles of {len(scenes)} scenes ({', '.join(list(scenes)[:4])}); give a "
                         "folder as -o to get one raster per scene")
+    targets = {scene: out if single else out / f"{scene}{tiles[0][2].suffix}" for scene, tiles in scenes.items()}
+    taken = [t for t in targets.values() if t.exists()]
+    if taken and not args.overwrite:
+        raise UserError(f"{taken[0]} already exists; pass --overwrite to replace it, or choose another -o")
+    output_folder(out.parent if single else out, "-o")
     written = []
     for scene, tiles in scenes.items():
-        info = manifest.get(scene, {})
-        target = out if single else out / f"{scene}{tiles[0][2].suffix}"
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"-o {out}: cannot write there ({e.strerror})") from None
+        info, target = manifest.get(scene, {}), targets[scene]
         raster = stitch_scene(tiles, info.get("height"), info.get("width"), args.blend)
         geo = info.get("geo")
         write_image(target, raster, extratags=extratags(geo) if geo and target.suffix.lower() in TIFF_EXTENSIONS

@@ -7,6 +7,7 @@ from dataset import (
     Labels,
     SegmentationDataset,
     channel_stats,
+    check_band_names,
     dataset_problems,
     find_samples,
     mask_to_2d,
@@ -123,23 +124,57 @@ def test_channel_stats_are_exact(tmp_path):
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
 def test_samples_are_normalised_and_reproducible(tmp_path, dtype):
+    """Samples come as stored (uint8) or float32; the model's first layer normalises them on the device: to zero
+    mean and unit std over the training set, the same whether they passed the augmentations or not."""
     import albumentations as A
+    import torch
 
     from augmentations import train_transform
+    from model import Normalize
 
-    make_dataset(tmp_path, n_train=4, dtype=dtype, bands=("nir",))
+    make_dataset(tmp_path, n_train=4, dtype=dtype, bands=("nir",), ext=".tif")
     samples = find_samples(tmp_path / "train", ["nir"])
     labels = Labels.from_args(None, None, None)
     stats = channel_stats(scan_samples(samples, with_stats=True, workers=0), labels)
     plain = SegmentationDataset(samples, labels, stats)
-    x = np.stack([plain[i][0].numpy() for i in range(4)])
+    assert plain[0]["image"].dtype == (np.uint8 if dtype == np.uint8 else np.float32)
+    raw = torch.from_numpy(np.stack([plain[i]["image"] for i in range(4)])).permute(0, 3, 1, 2)
+    x = Normalize(stats)(raw).numpy()
     np.testing.assert_allclose(x.mean((0, 2, 3)), 0, atol=1e-4)
     np.testing.assert_allclose(x.std((0, 2, 3)), 1, atol=1e-3)
     aug = SegmentationDataset(samples, labels, stats, train_transform("hard", 32, False, False))
     a, b, c = aug[(1, 7)], aug[(1, 7)], aug[(1, 8)]
-    assert a[0].shape == (4, 32, 32) and a[1].shape == (32, 32)
-    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    assert not np.array_equal(a[0], c[0])
+    assert a["image"].shape == (32, 32, 4) and a["mask"].shape == (32, 32) and a["index"] == 1
+    assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["mask"], b["mask"])
+    assert not np.array_equal(a["image"], c["image"])
     # with the identity transform the augmentation path normalises exactly like the plain one
     ident = SegmentationDataset(samples, labels, stats, A.Compose([]))
-    np.testing.assert_allclose(ident[(0, 1)][0].numpy(), plain[0][0].numpy(), atol=1e-4)
+    unit = dtype != np.uint8
+    via_aug = Normalize(stats, unit=unit)(torch.from_numpy(ident[(0, 1)]["image"][None]).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(via_aug.numpy(), Normalize(stats)(raw[:1]).numpy(), atol=1e-4)
+
+
+def test_val_masks_with_other_label_values_than_an_explicit_class_list(tmp_path):
+    """train 0/255 and val 0/1 under --class-list 255 would score 0 without a word."""
+    make_dataset(tmp_path, n_train=3, n_val=2)
+    for p in (tmp_path / "val" / "gt").iterdir():
+        write_image(p, (read_image(p) > 0).astype(np.uint8))
+    labels = Labels.from_args("255", None, None)
+    infos = scan_samples(find_samples(tmp_path / "val", []), with_stats=False, workers=0)
+    assert "no val mask holds any of the class values 255" in " ".join(dataset_problems(infos, labels, "val"))
+
+
+def test_nan_pixels_are_named(tmp_path):
+    make_dataset(tmp_path, n_train=3, dtype=np.float32, ext=".tif")
+    image = read_image(tmp_path / "train" / "images" / "t001.tif")
+    image[2, 3, 0] = np.nan
+    write_image(tmp_path / "train" / "images" / "t001.tif", image)
+    infos = scan_samples(find_samples(tmp_path / "train", []), with_stats=True, workers=2)
+    problems = " ".join(dataset_problems(infos, Labels.from_args(None, None, None), "train"))
+    assert "t001" in problems and "NaN" in problems
+
+
+@pytest.mark.parametrize("name", ["gt", "images", "../nir", "nir/x"])
+def test_band_names_that_are_not_band_folders(name):
+    with pytest.raises(UserError, match="--add-dirs"):
+        check_band_names([name])

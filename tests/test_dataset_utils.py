@@ -10,9 +10,8 @@ import pytest
 import tifffile
 from conftest import ROOT, assert_user_error, make_dataset, run_script
 
-from dataset_utils.raster import RasterReader
-from dataset_utils.split_big_image_to_tiles import tile_starts
 from fileio import read_image, write_image
+from raster import RasterReader, tile_starts
 
 TOOLS = "dataset_utils/"
 
@@ -278,3 +277,19 @@ def test_doctor_reports_masks_0_1_with_the_class_list_fix(tmp_path):
     r = tool("check_dataset", ds)
     assert r.returncode == 1 and '--class-list "1"' in r.stdout
     assert tool("check_dataset", ds, "--class-list", "1").returncode == 0
+
+
+def test_tools_never_import_torch(tmp_path):
+    """The data tools start in a fraction of the time torch takes to load: no tool may pull it in, at --help or at
+    work."""
+    ds = make_dataset(tmp_path / "ds", n_train=3, bands=("nir",))
+    probe = ("import runpy, sys\nsys.path.insert(0, {root!r})\nsys.argv = sys.argv[1:]\ntry:\n"
+             "    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('torch' in sys.modules)")
+    runs = [[tool, "--help"] for tool in sorted((ROOT / TOOLS).glob("*.py")) if tool.name != "__init__.py"]
+    runs += [[ROOT / TOOLS / "check_dataset.py", ds], [ROOT / TOOLS / "dataset_stats.py", ds],
+             [ROOT / TOOLS / "split_dataset.py", ds / "train", "-o", tmp_path / "split"]]
+    for run in runs:
+        r = subprocess.run([sys.executable, "-c", probe.format(root=str(ROOT)), *map(str, run)], capture_output=True,
+                           text=True, cwd=ROOT)
+        assert r.stdout.strip().splitlines()[-1] == "False", (run, r.stdout[-300:], r.stderr[-300:])

@@ -16,20 +16,21 @@ def test_confusion_matrix_matches_numpy_and_skips_ignored():
     target = rng.integers(0, 4, (3, 20, 30))
     target[0, :5] = IGNORE_INDEX
     pred = rng.integers(0, 4, (3, 20, 30))
-    cm = metrics.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), 4).numpy()
+    meter = metrics.ConfusionMatrix(4, torch.device("cpu"))
+    per_image = meter.update(torch.from_numpy(pred), torch.from_numpy(target))
+    cm = meter.mat.numpy()
     valid = target != IGNORE_INDEX
     expected = np.zeros((4, 4), int)
     np.add.at(expected, (target[valid], pred[valid]), 1)
     assert np.array_equal(cm, expected)
-    per_image = metrics.per_image_confusion(torch.from_numpy(pred), torch.from_numpy(target), 4)
-    assert torch.equal(per_image.sum(0), torch.from_numpy(expected))
+    assert torch.equal(per_image.sum(0), torch.from_numpy(expected)) and per_image.shape == (3, 4, 4)
 
 
 def test_miou_is_over_foreground_classes_of_the_whole_set():
     # class 1: tp 2, fp 1, fn 1 -> 0.5; class 2: tp 1, fp 0, fn 1 -> 0.5; background 3/5
     truth = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 2, 2]])
     pred = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 2, 0]])
-    s = metrics.summarize(metrics.confusion_matrix(pred, truth, 3))
+    s = metrics.summarize(metrics.per_image_confusion(pred, truth, 3).sum(0))
     assert s["miou"] == pytest.approx(0.5)
     assert s["per_class_iou"] == pytest.approx([3 / 6, 0.5, 0.5])
     assert s["accuracy"] == pytest.approx(6 / 9)
@@ -42,7 +43,7 @@ def test_absent_class_is_left_out_and_empty_image_is_perfect():
     pred = truth.clone()
     per_image = metrics.mean_foreground_iou(metrics.per_image_confusion(pred, truth, 3))
     assert per_image.tolist() == [1.0, 1.0]  # image 2 has no foreground anywhere: correct
-    s = metrics.summarize(metrics.confusion_matrix(pred, truth, 3))
+    s = metrics.summarize(metrics.per_image_confusion(pred, truth, 3).sum(0))
     assert s["miou"] == 1.0 and math.isnan(s["per_class_iou"][2])
 
 
@@ -79,3 +80,14 @@ def test_losses_run_in_float32_under_bf16():
     loss = SegmentationLoss("dice+bce", True)
     logits = torch.randn(2, 1, 8, 8, dtype=torch.bfloat16)
     assert loss(logits, torch.randint(0, 2, (2, 8, 8))).dtype == torch.float32
+
+
+def test_class_scores_of_per_image_matrices_match_the_summary():
+    truth = torch.tensor([[[0, 1, 1, 2]], [[0, 0, 2, 2]]])
+    pred = torch.tensor([[[0, 1, 0, 2]], [[1, 0, 2, 2]]])
+    per_image = metrics.per_image_confusion(pred, truth, 3)
+    scores = metrics.class_scores(per_image)
+    assert scores["iou"].shape == (2, 3) and scores["iou"][0, 1] == pytest.approx(0.5)
+    assert scores["f1"][1, 2] == pytest.approx(1.0) and math.isnan(scores["recall"][1, 1])
+    whole = metrics.summarize(per_image.sum(0))
+    assert whole["f1"] == pytest.approx(metrics.class_scores(per_image.sum(0))["f1"].tolist())

@@ -5,8 +5,11 @@ import pytest
 import torch
 from conftest import make_dataset  # noqa: F401  (puts the repo on sys.path)
 
+import checkpoint
+from checkpoint import Checkpoint, ModelMeta
+from dataset import ChannelStats, Labels
 from errors import UserError
-from model import ARCHITECTURES, build_model, load_checkpoint, min_input_size, save_checkpoint
+from model import ARCHITECTURES, build_model, min_input_size
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
@@ -66,17 +69,49 @@ def test_weights_file_of_another_encoder_is_refused(tmp_path):
         build_model("unet", "resnet18", 3, 1, str(tmp_path / "other.pth"))
 
 
-def test_checkpoint_checks(tmp_path):
-    save_checkpoint(tmp_path / "ok.pth", {"model": {}, "meta": {"format": "segkit-checkpoint", "version": 1}})
-    assert load_checkpoint(tmp_path / "ok.pth")["meta"]["version"] == 1
+def tiny_meta() -> ModelMeta:
+    return ModelMeta("unet", "resnet18", 3, 1, Labels([255]), [], ChannelStats([0.0] * 3, [1.0] * 3, [0.0] * 3,
+                                                                           [255.0] * 3, [10, 5]), "uint8", 64, False,
+                     1024)
+
+
+def test_checkpoint_round_trip_and_checks(tmp_path):
+    meta = tiny_meta()
+    checkpoint.save(tmp_path / "ok.pth", Checkpoint({"w": torch.ones(2)}, meta, 3, 0.5))
+    ckpt = checkpoint.load(tmp_path / "ok.pth")
+    assert ckpt.meta == meta and ckpt.epoch == 3 and ckpt.score == 0.5 and ckpt.training is None
+    assert torch.load(tmp_path / "ok.pth", weights_only=True)["meta"]["version"] == checkpoint.VERSION
     torch.save({"model": {}}, tmp_path / "plain.pth")
     with pytest.raises(UserError, match="not a segkit checkpoint"):
-        load_checkpoint(tmp_path / "plain.pth")
+        checkpoint.load(tmp_path / "plain.pth")
     torch.save({"model": argparse.Namespace(lr=1)}, tmp_path / "pickled.pth")  # pickled objects, like older kits
     with pytest.raises(UserError, match="another tool"):
-        load_checkpoint(tmp_path / "pickled.pth")
+        checkpoint.load(tmp_path / "pickled.pth")
     (tmp_path / "text.pth").write_text("hello")
     with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
-        load_checkpoint(tmp_path / "text.pth")
+        checkpoint.load(tmp_path / "text.pth")
     with pytest.raises(UserError, match="not found"):
-        load_checkpoint(tmp_path / "none.pth")
+        checkpoint.load(tmp_path / "none.pth")
+    newer = {**meta.to_dict(), "version": checkpoint.VERSION + 1}
+    torch.save({"model": {}, "meta": newer, "epoch": 1}, tmp_path / "newer.pth")
+    with pytest.raises(UserError, match="newer segkit"):
+        checkpoint.load(tmp_path / "newer.pth")
+    broken = meta.to_dict()
+    del broken["stats"]
+    torch.save({"model": {}, "meta": broken, "epoch": 1}, tmp_path / "broken.pth")
+    with pytest.raises(UserError, match="incomplete"):
+        checkpoint.load(tmp_path / "broken.pth")
+
+
+def test_version_1_checkpoints_are_read(tmp_path):
+    """segkit 0.1 kept the training state at the top level of last.pth."""
+    meta = {**tiny_meta().to_dict(), "version": 1}
+    state = {"epoch": 4, "best_score": 0.7, "best_epoch": 3, "bad_epochs": 1, "early_stopped": False,
+             "history": [{"epoch": 1}]}
+    torch.save({"model": {"w": torch.ones(1)}, "meta": meta, "optimizer": {"state": {}}, "scheduler": {"x": 1},
+                "scaler": {}, **state}, tmp_path / "last.pth")
+    ckpt = checkpoint.load(tmp_path / "last.pth")
+    assert ckpt.epoch == 4 and ckpt.meta == tiny_meta() and ckpt.training["state"] == state
+    assert ckpt.training["scheduler"] == {"x": 1}
+    torch.save({"model": {"w": torch.ones(1)}, "meta": meta, "epoch": 3, "score": 0.7}, tmp_path / "best.pth")
+    assert checkpoint.load(tmp_path / "best.pth").score == 0.7

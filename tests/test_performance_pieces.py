@@ -9,9 +9,9 @@ from conftest import FAST, make_dataset, run_script
 from torch.utils.data import DataLoader
 
 from augmentations import train_transform
-from dataset import Labels, RamCache, SegmentationDataset, channel_stats, find_samples, scan_samples
+from dataset import Labels, SegmentationDataset, channel_stats, find_samples, scan_samples
+from loaders import EpochBatchSampler, RamCache, SizeGroupedBatchSampler
 from runtime import configure, worker_init
-from trainer import EpochBatchSampler
 
 
 @pytest.fixture
@@ -32,15 +32,15 @@ def test_ram_cache_returns_identical_samples(sixteen_bit):
     cached = SegmentationDataset(samples, labels, stats, train_transform("hard", 32, False, False), cache)
     for key in [(0, 11), (3, 5), (5, 99)]:
         a, b = plain[key], cached[key]
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["mask"], b["mask"])
     image, mask = cache.views(2)
     assert not image.flags.writeable and image.dtype == np.uint16 and image.shape == (40, 56, 4)
     assert np.array_equal(mask, plain.load(2)[1])
     # through worker processes, which read the shared buffer
     sampler = EpochBatchSampler(len(samples), 2, seed=0)
     loaders = [DataLoader(d, batch_sampler=sampler, num_workers=2, worker_init_fn=worker_init) for d in (plain, cached)]
-    for (xa, ya, ia), (xb, yb, ib) in itertools.islice(zip(*loaders, strict=True), 6):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
+    for a, b in itertools.islice(zip(*loaders, strict=True), 6):
+        assert all(torch.equal(a[k], b[k]) for k in ("image", "mask", "index"))
 
 
 def test_epoch_stream_is_the_epochs_in_order_and_drops_a_lone_sample():
@@ -53,6 +53,26 @@ def test_epoch_stream_is_the_epochs_in_order_and_drops_a_lone_sample():
     assert len(set(indices)) == 8 and all(len(b) == 2 for b in stream)
     assert EpochBatchSampler(9, 2, seed=3).epoch_batches(4) == sampler.epoch_batches(4)
     assert len(EpochBatchSampler(1, 4, 0)) == 1 and len(EpochBatchSampler(7, 4, 0)) == 2
+
+
+def test_epoch_stream_shards_each_global_batch_across_processes():
+    """Under torchrun each process takes its share of every global batch: together they see what one would."""
+    one = EpochBatchSampler(21, 6, seed=1).epoch_batches(3)
+    ranks = [EpochBatchSampler(21, 3, seed=1, rank=r, world=2).epoch_batches(3) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3  # 3 global batches of 6; the 3 left would leave one process 1
+    for step in range(3):
+        assert sorted(ranks[0][step] + ranks[1][step]) == sorted(one[step])
+        assert not set(ranks[0][step]) & set(ranks[1][step])
+
+
+def test_size_grouped_batches_send_large_images_alone():
+    sizes = [(64, 64), (64, 64), (64, 64), (2000, 64), (2000, 64), (32, 48)]
+    batches = list(SizeGroupedBatchSampler(sizes, 2, alone_above=1024))
+    assert sorted(map(sorted, batches)) == [[0, 1], [2], [3], [4], [5]]
+    shards = [list(SizeGroupedBatchSampler(sizes, 2, rank=r, world=2, alone_above=1024)) for r in (0, 1)]
+    assert sorted(i for s in shards for b in s for i in b) == list(range(6))
+    endless = iter(SizeGroupedBatchSampler(sizes, 2, repeat=True))
+    assert list(itertools.islice(endless, 8))[:4] == list(itertools.islice(endless, 4))
 
 
 def test_deterministic_flag_is_honoured():

@@ -1,30 +1,21 @@
 """train.py's helpers: schedules, optimizers, the automatic crop size, extra val lists, loss weights."""
-import argparse
 import math
 
 import pytest
 import torch
 from conftest import make_dataset  # noqa: F401  (puts the repo on sys.path)
 
-from dataset import ChannelStats, Labels
+from dataset import Labels
 from errors import UserError
-from train import (
-    OPTIMIZERS,
-    SCHEDULES,
-    auto_image_size,
-    loss_weights,
-    make_optimizer,
-    make_scheduler,
-    read_add_val_list,
-)
+from losses import loss_weights
+from optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
+from train import auto_image_size, read_add_val_list
 
 
 def lrs(schedule: str, epochs=10, steps=10, warmup=1.0) -> list[float]:
     model = torch.nn.Linear(2, 2)
-    args = argparse.Namespace(optimizer="adamw", learning_rate=1.0, weight_decay=0.0, scheduler=schedule,
-                              epochs=epochs, warmup_epochs=warmup)
-    opt = make_optimizer(args, model)
-    sched = make_scheduler(args, opt, steps)
+    opt = make_optimizer("adamw", model, 1.0, 0.0)
+    sched = make_scheduler(schedule, opt, epochs, steps, warmup)
     out = []
     for _ in range(epochs * steps):
         out.append(opt.param_groups[0]["lr"])
@@ -45,11 +36,9 @@ def test_schedules_warm_up_then_follow_their_shape():
 
 def test_plateau_halves_on_stalled_score():
     model = torch.nn.Linear(2, 2)
-    args = argparse.Namespace(optimizer="sgd", learning_rate=1.0, weight_decay=0.0, scheduler="plateau",
-                              epochs=10, warmup_epochs=0)
-    opt = make_optimizer(args, model)
+    opt = make_optimizer("sgd", model, 1.0, 0.0)
     assert isinstance(opt, torch.optim.SGD) and set(OPTIMIZERS) == {"adamw", "adam", "sgd"}
-    sched = make_scheduler(args, opt, 5)
+    sched = make_scheduler("plateau", opt, 10, 5, 0)
     for _ in range(7):
         sched.step(0.5)
     assert opt.param_groups[0]["lr"] == 0.5
@@ -75,15 +64,15 @@ def test_add_val_list_names_and_relative_paths(tmp_path):
 
 
 def test_loss_weights_auto_and_given():
-    stats = ChannelStats([0.0], [1.0], [0.0], [1.0], class_pixels=[900, 90, 10])
+    pixels = [900, 90, 10]
     labels = Labels.from_args("1 2", None, None)
-    args = argparse.Namespace(class_weights="auto", pos_weight=None)
-    weights, pos = loss_weights(args, labels, stats)
+    weights, pos = loss_weights("auto", None, labels, pixels)
     assert pos is None and weights[1] == pytest.approx(1.0) and weights[2] == pytest.approx(9.0)
     assert weights[0] == pytest.approx(0.1)
-    args = argparse.Namespace(class_weights=None, pos_weight="auto")
-    assert loss_weights(args, Labels.from_args("1", None, None), ChannelStats([0.0], [1.0], [0.0], [1.0],
-                                                                               [900, 100]))[1] == pytest.approx(9.0)
+    assert loss_weights(None, "auto", Labels.from_args("1", None, None), [900, 100])[1] == pytest.approx(9.0)
     with pytest.raises(UserError, match="one per class"):
-        loss_weights(argparse.Namespace(class_weights="1 2", pos_weight=None), labels, stats)
-    assert math.isclose(loss_weights(argparse.Namespace(class_weights=None, pos_weight="2.5"), labels, stats)[1], 2.5)
+        loss_weights("1 2", None, labels, pixels)
+    assert math.isclose(loss_weights(None, "2.5", labels, pixels)[1], 2.5)
+    for bad in ("-1", "nan", "0"):
+        with pytest.raises(UserError, match="--pos-weight"):
+            loss_weights(None, bad, labels, pixels)

@@ -1,4 +1,5 @@
-"""Large rasters for the dataset tools: windows read without loading the whole image, GeoTIFF georeferencing kept.
+"""Large rasters: windows read without loading the whole image, the tile grid over them, GeoTIFF georeferencing and
+nodata. Used by the dataset tools and by predict.py; numpy and tifffile only.
 
 A TIFF is read segment by segment (its strips or tiles, decoded on demand and cached for the current row of
 windows), or memory-mapped when uncompressed; other formats are read whole.
@@ -16,6 +17,23 @@ from fileio import TIFF_EXTENSIONS, read_image
 GEO_TAGS = {33550: "ModelPixelScale", 33922: "ModelTiepoint", 34264: "ModelTransformation",
             34735: "GeoKeyDirectory", 34736: "GeoDoubleParams", 34737: "GeoAsciiParams", 42112: "GDAL_METADATA",
             42113: "GDAL_NODATA"}
+
+
+def tile_starts(length: int, tile: int, stride: int, edge: str = "shift") -> list[int]:
+    """Offsets of the tiles along one axis: every stride, then one tile flush with the end (shift) or reaching past
+    it (pad). A length up to one tile gets the single offset 0."""
+    if length <= tile:
+        return [0]
+    if edge == "pad":
+        return list(range(0, length - tile + stride, stride))
+    starts = list(range(0, length - tile + 1, stride))
+    return [*starts, length - tile] if starts[-1] != length - tile else starts
+
+
+def nodata_pixels(image: np.ndarray, nodata: float) -> np.ndarray:
+    """(H, W) True where every band holds the nodata value; a NaN nodata value matches NaN pixels."""
+    hit = np.isnan(image) if np.isnan(nodata) else image == nodata
+    return hit if hit.ndim == 2 else hit.all(axis=2)
 
 
 class RasterReader:

@@ -1,0 +1,80 @@
+"""Command-line conventions shared by every script and tool: a parser whose mistakes end in one `error:` line (exit
+status 2, no usage dump), and value types that are checked when the flags are parsed, before any work starts."""
+import argparse
+import math
+import sys
+
+from errors import is_main_process
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a flag mistake reported as one line that names the flag, like every other user error."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        if is_main_process():
+            print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _number(kind, text: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if kind is int else 'a number'}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' must be a finite number")
+    return value
+
+
+def at_least(minimum: float, kind=int):
+    """An argparse type: a number of `kind` (int or float) that is >= minimum."""
+    def parse(text: str):
+        value = _number(kind, text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} >= {minimum:g}"
+    return parse
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    value = _number(float, text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1)."""
+    value = _number(float, text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    value = _number(float, text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def multiple_of_32(flag: str):
+    """An argparse type for `flag`: an image or tile side that the encoders can halve five times."""
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if value < 32 or value % 32:
+            near = max(32, round(value / 32) * 32)
+            raise argparse.ArgumentTypeError(f"{value} is not a multiple of 32 (encoders halve it 5 times); use "
+                                             f"{flag} {near}")
+        return value
+
+    parse.__name__ = "multiple of 32"
+    return parse

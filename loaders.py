@@ -1,0 +1,155 @@
+"""From samples to batches: the training stream of batches drawn from (seed, epoch), size-grouped evaluation
+batches, the RAM cache, and the DataLoader settings every loader shares.
+
+Loaders are made once and run for the whole training: worker processes persist, and every stream is endless (the
+trainer takes one epoch's worth of batches at a time), so the workers prepare the next epoch's first batches, train
+and val alike, while the current epoch finishes. Batches stay in the pixels' own type (uint8 moves a quarter of the
+bytes of float32); the model normalises on the device.
+"""
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from dataset import Sample, SegmentationDataset, read_sample
+from errors import UserError
+from runtime import worker_init
+
+
+class EpochBatchSampler(Sampler):
+    """Shuffled batches of (index, augmentation seed), epoch after epoch from first_epoch on, endlessly.
+
+    Everything is drawn from (seed, epoch) alone, so any epoch can be reproduced on its own. Under torchrun each of
+    the `world` processes takes its own share (rank, rank + world, ...) of every global batch of batch_size x world
+    samples. A leftover batch of one sample per process is dropped (a different sample each epoch): batch norm
+    cannot train on it.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, first_epoch: int = 1, rank: int = 0, world: int = 1):
+        self.size, self.batch_size, self.seed, self.first_epoch = size, batch_size, seed, first_epoch
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        """Steps per epoch (the same in every process)."""
+        step = self.batch_size * self.world
+        full, rest = divmod(self.size, step)
+        return full + (rest >= 2 * self.world or (rest >= self.world and full == 0))
+
+    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.size).tolist()
+        seeds = rng.integers(0, 2 ** 31, self.size).tolist()
+        keys = list(zip(order, seeds, strict=True))
+        step = self.batch_size * self.world
+        return [keys[i * step:(i + 1) * step][self.rank::self.world] for i in range(len(self))]
+
+    def __iter__(self):
+        for epoch in itertools.count(self.first_epoch):
+            yield from self.epoch_batches(epoch)
+
+
+class SizeGroupedBatchSampler(Sampler):
+    """Batches of images that share a size, so whole images stack without resizing; images with a side over
+    `alone_above` (those the sliding window takes) go one at a time. Under torchrun every process takes every
+    world-th batch. repeat: the batches over and over, for a loader that serves every epoch."""
+
+    def __init__(self, sizes: list[tuple[int, int]], batch_size: int, rank: int = 0, world: int = 1,
+                 repeat: bool = False, alone_above: int | None = None):
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(sizes):
+            groups.setdefault(tuple(s), []).append(i)
+        batches = [g[i:i + n] for size, g in groups.items()
+                   for n in [1 if alone_above and max(size) > alone_above else batch_size]
+                   for i in range(0, len(g), n)]
+        self.batches, self.repeat = batches[rank::world], repeat
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return itertools.chain.from_iterable(itertools.repeat(self.batches)) if self.repeat else iter(self.batches)
+
+
+def loader_options(workers: int, device: torch.device) -> dict:
+    """Settings of every loader: worker processes that live as long as the loader and read ahead, one thread each,
+    pinned memory for asynchronous copies to a GPU."""
+    return {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
+            "worker_init_fn": worker_init, "prefetch_factor": 4 if workers > 0 else None}
+
+
+def epoch_stream(loader: DataLoader) -> Iterator[Iterator]:
+    """Per epoch, an iterator over that epoch's batches of an endless loader (len(loader) of them)."""
+    batches = iter(loader)
+    while True:
+        yield itertools.islice(batches, len(loader))
+
+
+def eval_loader(dataset: SegmentationDataset, sizes: list[tuple[int, int]], batch_size: int, tile_size: int | None,
+                workers: int, device: torch.device, rank: int = 0, world: int = 1, repeat: bool = False
+                ) -> DataLoader:
+    """Batches of equal-size whole images, formed and stacked in the workers; images larger than the tile (None:
+    no tiling, --resize models) alone."""
+    sampler = SizeGroupedBatchSampler(sizes, batch_size, rank, world, repeat, alone_above=tile_size)
+    return DataLoader(dataset, batch_sampler=sampler, **loader_options(workers, device))
+
+
+# --------------------------------------------------------------------------------------------------- RAM cache
+def available_memory() -> int | None:
+    """Bytes of memory available for new data (Linux), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+class _Fill:
+    """Decodes sample i straight into its slice of the shared buffer (in a loader worker)."""
+
+    def __init__(self, cache: "RamCache", samples: list[Sample], lut: np.ndarray):
+        self.cache, self.samples, self.lut = cache, samples, lut
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> int:
+        image, mask = read_sample(self.samples[i], self.lut)
+        view_image, view_mask = self.cache.views(i, writable=True)
+        view_image[...] = image.reshape(view_image.shape)
+        view_mask[...] = mask
+        return i
+
+
+class RamCache:
+    """Every sample decoded once into one shared-memory buffer (--cache ram): loader workers read views of it,
+    whatever the start method, so the dataset sits in memory once, not once per worker."""
+
+    def __init__(self, samples: list[Sample], lut: np.ndarray, sizes: list[tuple[int, int]], channels: int,
+                 dtype: str, workers: int):
+        itemsize = np.dtype(dtype).itemsize
+        self.dtype, self.entries, offset = np.dtype(dtype), [], 0
+        for h, w in sizes:  # (image offset, mask offset, h, w), each block 8-byte aligned
+            image_bytes = -(-h * w * channels * itemsize // 8) * 8
+            self.entries.append((offset, offset + image_bytes, h, w))
+            offset += image_bytes + -(-h * w // 8) * 8
+        self.channels = channels
+        free = available_memory()
+        if free is not None and offset > 0.8 * free:
+            raise UserError(f"--cache ram needs {offset / 2 ** 30:.1f} GB but {free / 2 ** 30:.1f} GB of memory are "
+                            "available; train without --cache")
+        self.buffer = torch.empty(offset, dtype=torch.uint8).share_memory_()
+        for _ in DataLoader(_Fill(self, samples, lut), batch_size=None, num_workers=workers):
+            pass
+        self.nbytes = offset
+
+    def views(self, index: int, writable: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        start, mask_start, h, w = self.entries[index]
+        raw = self.buffer.numpy()
+        image = raw[start:start + h * w * self.channels * self.dtype.itemsize].view(self.dtype)
+        image = image.reshape(h, w, self.channels)
+        mask = raw[mask_start:mask_start + h * w].reshape(h, w)
+        if not writable:
+            image.flags.writeable = mask.flags.writeable = False
+        return image, mask
