@@ -484,11 +484,12 @@ def check_splits(splits: dict[str, list[Sample]], labels: Labels, workers: int) 
                        round(time.monotonic() - t0, 2))
 
 
-def checked_splits(splits: dict[str, list[Sample]], labels: Labels, add_dirs: list[str], cache: Path,
+def checked_splits(splits: dict[str, list[Sample]], labels: Labels, add_dirs: list[str], cache_dir: Path,
                    workers: int) -> DataSummary:
-    """check_splits, remembered in `cache` (a JSON file) under a key of the files' names, sizes and times, the labels
-    and the bands: an unchanged dataset is not read again when an experiment resumes."""
+    """check_splits, remembered in cache_dir under a key of the files' names, sizes and times, the labels and the
+    bands: an unchanged dataset is not read again, when an experiment resumes or a new one trains on it."""
     key = fingerprint([s for ss in splits.values() for s in ss]) + json.dumps([labels.to_meta(), add_dirs])
+    cache = Path(cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.json"
     try:
         saved = json.loads(cache.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -498,7 +499,7 @@ def checked_splits(splits: dict[str, list[Sample]], labels: Labels, add_dirs: li
         return DataSummary(data["channels"], data["dtype"], ChannelStats(**data["stats"]),
                            {k: [tuple(s) for s in v] for k, v in data["sizes"].items()}, data["seconds"])
     summary = check_splits(splits, labels, workers)
-    cache.parent.mkdir(parents=True, exist_ok=True)  # the experiment folder appears once its data is sound
+    cache.parent.mkdir(parents=True, exist_ok=True)
     write_text(cache, json.dumps({"key": key, "data": asdict(summary)}))
     return summary
 

@@ -17,14 +17,18 @@ def predict_classes(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tenso
 
 
 def per_image_confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(N, C, C) confusion matrix of each image of a batch (rows truth, columns prediction), in one bincount."""
-    n = target.shape[0]
+    """(N, C, C) confusion matrix of each image of a batch (rows truth, columns prediction), in one scatter-add.
+
+    Ignored pixels count into a spare bin rather than being masked out, and no bincount is used: both would make a
+    GPU wait for the host every batch.
+    """
+    n, c = target.shape[0], num_classes
     target = target.long().reshape(n, -1)
-    pred = pred.long().reshape(n, -1)
-    valid = target != IGNORE_INDEX
-    image = torch.arange(n, device=target.device)[:, None].expand_as(target)
-    idx = (image * num_classes + target) * num_classes + pred
-    return torch.bincount(idx[valid], minlength=n * num_classes ** 2).reshape(n, num_classes, num_classes)
+    idx = (torch.arange(n, device=target.device)[:, None] * c + target) * c + pred.long().reshape(n, -1)
+    idx = torch.where(target == IGNORE_INDEX, n * c * c, idx).reshape(-1)
+    counts = torch.zeros(n * c * c + 1, dtype=torch.long, device=target.device)
+    counts.scatter_add_(0, idx, torch.ones((), dtype=torch.long, device=target.device).expand_as(idx))
+    return counts[:-1].reshape(n, c, c)
 
 
 def class_scores(cm: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -240,20 +240,21 @@ def find_splits(args: argparse.Namespace) -> dict[str, list]:
 
 
 def check_data(args: argparse.Namespace, splits: dict, labels, exp_dir: Path, procs):
-    """Every file checked and the training set measured, once: process 0 reads the data (or the experiment's
-    cache of that check) while the others wait, then they read the cache."""
+    """Every file checked and the training set measured, once per dataset: process 0 reads the data (or the cache
+    of that check in the log folder) while the others wait, then they read the cache."""
     from dataset import checked_splits
     from runtime import default_workers
 
-    cache = exp_dir / "dataset_check.json"
+    cache = Path(args.log_dir) / ".dataset-checks"
     workers = args.workers if args.workers is not None else default_workers(procs.device, procs.world)
     if procs.main:
         data = checked_splits(splits, labels, args.add_dirs.split(), cache, max(1, workers))
+        exp_dir.mkdir(parents=True, exist_ok=True)  # the experiment folder appears once its data is sound
+        for stale in exp_dir.glob(".*.tmp"):  # left by a run killed while writing
+            stale.unlink()
     procs.barrier()
     if not procs.main:
         data = checked_splits(splits, labels, args.add_dirs.split(), cache, max(1, workers))
-    for stale in exp_dir.glob(".*.tmp") if procs.main else []:  # left by a run killed while writing
-        stale.unlink()
     return data, workers
 
 

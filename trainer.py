@@ -2,10 +2,10 @@
 and resume. Knows nothing of file formats: it gets loaders, a model and its metadata.
 
 Crash safety: at the end of an epoch best.pth (if improved), then last.pth are replaced atomically, then
-metrics.csv is rewritten from the history held in last.pth, and only then is the epoch's summary printed; a run
-killed at any moment resumes from last.pth and rewrites metrics.csv from it, so the CSV never holds a row the
-checkpoint does not. These writes run in a background thread while the next epoch trains (checkpoint.BackgroundWriter);
-Ctrl-C and errors wait for them.
+metrics.csv is rewritten from the history held in last.pth; a run killed at any moment resumes from last.pth and
+rewrites metrics.csv from it, so the CSV never holds a row the checkpoint does not. These writes run in a
+background thread while the next epoch trains (checkpoint.BackgroundWriter), so a kill in the second after an
+epoch's summary is printed may cost that epoch; Ctrl-C and errors wait for the writes.
 Reproducibility: each epoch reseeds torch and draws every sample's augmentation seed from (seed, epoch), so a
 resumed run sees the same batches and augmentations as an uninterrupted one.
 Under torchrun, every process trains its share of each batch and evaluates its share of the val batches; the
@@ -157,10 +157,8 @@ class Trainer:
         s = self.state
         self.writer = checkpoint.BackgroundWriter()
         if self.main:
-            from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow and only process 0 logs
-
             write_csv(self.cfg.exp_dir, s.history)
-            self.tensorboard = SummaryWriter(str(self.cfg.exp_dir), purge_step=s.epoch + 1)
+            self.writer.submit(lambda: self.open_tensorboard(s.epoch + 1))  # slow to import: not on the way
         self.train_loader.batch_sampler.first_epoch = s.epoch + 1
         train_epochs = epoch_stream(self.train_loader)  # one stream for all epochs: workers never wait at a start
         eval_epochs = {e.name: epoch_stream(e.loader) for e in self.eval_sets}
@@ -319,12 +317,12 @@ class Trainer:
         return improved
 
     def save(self, epoch: int, row: dict, improved: bool, val: EvalResult | None) -> None:
-        """Hand the epoch's writes to the background writer: checkpoints, then metrics.csv, TensorBoard and the
-        summary line. What they need is copied now, so the next epoch may change the live state."""
+        """Hand the epoch's writes to the background writer (checkpoints, then metrics.csv and TensorBoard) and
+        print its summary. What the writes need is copied now, so the next epoch may change the live state."""
         weights = checkpoint.snapshot(unwrap(self.model).state_dict())
         last = Checkpoint(weights, self.meta, epoch, row.get("score"), checkpoint.snapshot(self.training_state()))
         best = Checkpoint(weights, self.meta, epoch, row.get("score")) if improved else None
-        history, summary = list(self.state.history), self.summary(row, improved)
+        history = list(self.state.history)
         worst = self.worst_predictions(val) if val is not None and self.cfg.log_worst else None
         exp = self.cfg.exp_dir
 
@@ -334,9 +332,9 @@ class Trainer:
             checkpoint.save(exp / "last.pth", last)
             write_csv(exp, history)
             self.log_tensorboard(row, epoch, worst)
-            tqdm.write(summary)
 
         self.writer.submit(job)
+        print(self.summary(row, improved), flush=True)
 
     @torch.no_grad()
     def worst_predictions(self, val: EvalResult) -> list[tuple[int, float, np.ndarray]]:
@@ -349,6 +347,12 @@ class Trainer:
             pred = metrics.predict_classes(logits)[0].byte().cpu().numpy()
             out.append((index, float(val.per_image_iou[index]), pred))
         return out
+
+    def open_tensorboard(self, first_epoch: int) -> None:
+        """The event writer; events of epochs from first_epoch on, left by an earlier run, are dropped."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tensorboard = SummaryWriter(str(self.cfg.exp_dir), purge_step=first_epoch)
 
     def log_tensorboard(self, row: dict, epoch: int, worst: list | None) -> None:
         w = self.tensorboard

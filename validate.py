@@ -265,7 +265,8 @@ class Evaluation:
             truth = batch["mask"].to(self.device, non_blocking=True)
             per_image = self.cm.update(classes, truth)
             self.per_image.append(per_image)
-            ious = metrics.mean_foreground_iou(per_image).tolist()
+            if self.out is not None:  # names the plots; metrics alone never wait for the device
+                ious = metrics.mean_foreground_iou(per_image).tolist()
             if self.args.find_threshold:
                 valid = truth != IGNORE_INDEX
                 q = (probs[:, 0][valid] * SWEEP_BINS).long().clamp_(0, SWEEP_BINS - 1)
