@@ -46,7 +46,7 @@ def timed_run(cmd: list[str]) -> tuple[float, dict[int, float], list[str]]:
         *lines, buf = re.split(rb"[\r\n]", buf)
         for line in lines:
             text = line.decode(errors="replace").strip()
-            tail = (tail + [text])[-4:] if text else tail
+            tail = [*tail, text][-4:] if text else tail
             m = re.match(r"epoch (\d+)/\d+\s+train_loss", text)
             if m:
                 seen[int(m.group(1))] = time.monotonic() - t0
