@@ -111,10 +111,13 @@ def _read(path: Path, what: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {path} not found")
+    with open(path, "rb") as f:
+        head = f.read(2)
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- whatever torch.load raises, the file is not ours
-        kind = "a checkpoint from another tool (it holds pickled objects)" if "weights_only" in str(e) else \
+        pickled = "weights_only" in str(e) and (head == b"PK" or head[:1] == b"\x80")  # torch.save's zip or pickle
+        kind = "a checkpoint from another tool (it holds pickled objects)" if pickled else \
             "not a readable PyTorch checkpoint (truncated or another kind of file)"
         raise UserError(f"{path} is {kind}; pass a best.pth or last.pth written by segkit's train.py") from None
     if not isinstance(d, dict):
@@ -192,6 +195,10 @@ class BackgroundWriter:
                 self.error = e
             finally:
                 self.jobs.task_done()
+
+    def busy(self) -> bool:
+        """A job is still running."""
+        return self.jobs.unfinished_tasks > 0
 
     def submit(self, job: Callable[[], None]) -> None:
         self.wait()

@@ -199,6 +199,7 @@ class Predictor:
     batch_size: int = 8
     threshold: float = 0.5
     min_size: int = 32  # the architecture's smallest input side
+    fixed_size: int | None = None  # a model exported for one input size only: every input is padded or tiled to it
 
     # ---------------------------------------------------------------------------------------------- building
     @classmethod
@@ -242,7 +243,10 @@ class Predictor:
             raise UserError(f"{folder / BUNDLE_META}: not a readable bundle description ({e})") from None
         meta = ModelMeta.from_dict(info.get("meta"), str(folder / BUNDLE_META))
         runner = OnnxRunner(folder / info.get("model", "model.onnx"), providers)
-        return cls.create(meta, runner, int(info.get("min_size", 32)), **settings)
+        fixed = info.get("fixed_size")
+        if fixed:  # the graph takes one size: tiles of it, whatever --tile-size says
+            settings["tile_size"] = int(fixed)
+        return cls.create(meta, runner, int(info.get("min_size", 32)), fixed_size=fixed, **settings)
 
     @classmethod
     def create(cls, meta: ModelMeta, runner, min_size: int = 32, tile_size: int | None = None,
@@ -276,7 +280,7 @@ class Predictor:
         return r.stack([self.slide(image) for image in x])
 
     def _fit(self, side: int) -> int:
-        return max(self.min_size, math.ceil(side / 32) * 32)
+        return self.fixed_size or max(self.min_size, math.ceil(side / 32) * 32)
 
     def forward_tta(self, x):
         """Mean of the model's logits over the TTA transforms, each undone on the output."""
@@ -299,28 +303,33 @@ class Predictor:
               ) -> Iterator[tuple[int, int, object]]:
         """Slide the tile over a height x width image whose windows read(y, x, h, w) returns as (C, h, w) runner
         arrays; yield (y0, y1, logits of rows y0..y1 as (K, y1 - y0, width)) top to bottom, each band as soon as no
-        later tile touches it. Memory: one row of tiles and a tile-high band of logits."""
+        later tile touches it. Tiles go in full batches across tile rows; memory: the rows one batch spans."""
         r = self.runner
         th, tw = min(self.tile_size, self._fit(height)), min(self.tile_size, self._fit(width))
         ys = tile_starts(height, th, max(1, int(th * (1 - self.overlap))))
         xs = tile_starts(width, tw, max(1, int(tw * (1 - self.overlap))))
+        tiles = [(y, x) for y in ys for x in xs]
         weight, span = r.window(th, tw), max(width, tw)
-        acc = norm = None
-        for i, y in enumerate(ys):  # acc and norm hold image rows y .. y + th
-            h = min(th, height - y)
-            tiles = [r.pad(read(y, x, h, min(tw, width - x)), th, tw) for x in xs]
-            for j in range(0, len(tiles), self.batch_size):
-                logits = self.forward_tta(r.stack(tiles[j:j + self.batch_size])) * weight
-                if acc is None:
-                    acc, norm = r.zeros((logits.shape[1], th, span)), r.zeros((th, span))
-                for x, t in zip(xs[j:j + self.batch_size], logits, strict=True):
-                    acc[:, :, x:x + tw] += t
-                    norm[:, x:x + tw] += weight
-            end = ys[i + 1] if i + 1 < len(ys) else height
-            yield y, end, acc[:, :end - y, :width] / norm[:end - y, :width]
-            done = end - y  # final rows, dropped; the next tile row starts at end
-            acc = r.cat([acc[:, done:], r.zeros((acc.shape[0], done, span))], 1)
-            norm = r.cat([norm[done:], r.zeros((done, span))], 0)
+        acc = norm = None  # the blended sums of image rows top .. top + acc rows
+        top = 0
+        for j in range(0, len(tiles), self.batch_size):
+            batch = tiles[j:j + self.batch_size]
+            x = r.stack([r.pad(read(y, x, min(th, height - y), min(tw, width - x)), th, tw) for y, x in batch])
+            logits = self.forward_tta(x) * weight
+            rows = batch[-1][0] + th - top
+            if acc is None:
+                acc, norm = r.zeros((logits.shape[1], rows, span)), r.zeros((rows, span))
+            elif rows > norm.shape[0]:
+                more = rows - norm.shape[0]
+                acc = r.cat([acc, r.zeros((acc.shape[0], more, span))], 1)
+                norm = r.cat([norm, r.zeros((more, span))], 0)
+            for (y, x), t in zip(batch, logits, strict=True):
+                acc[:, y - top:y - top + th, x:x + tw] += t
+                norm[y - top:y - top + th, x:x + tw] += weight
+            end = tiles[j + len(batch)][0] if j + len(batch) < len(tiles) else height  # no later tile reaches above
+            if end > top:
+                yield top, end, acc[:, :end - top, :width] / norm[:end - top, :width]
+                acc, norm, top = acc[:, end - top:], norm[end - top:], end
 
     # ---------------------------------------------------------------------------------------------- results
     def probabilities(self, logits):

@@ -6,6 +6,7 @@ trainer takes one epoch's worth of batches at a time), so the workers prepare th
 and val alike, while the current epoch finishes. Batches stay in the pixels' own type (uint8 moves a quarter of the
 bytes of float32); the model normalises on the device.
 """
+import functools
 import itertools
 from collections.abc import Iterator
 
@@ -72,11 +73,23 @@ class SizeGroupedBatchSampler(Sampler):
         return itertools.chain.from_iterable(itertools.repeat(self.batches)) if self.repeat else iter(self.batches)
 
 
-def loader_options(workers: int, device: torch.device) -> dict:
+# How workers hand batches over. file_descriptor (PyTorch's default on Linux) makes the main process fetch every
+# tensor's descriptor from the worker's own sharing thread, one round trip each, which waits on the busy worker;
+# file_system names the shared memory instead (measured in bench/RESULTS.md).
+SHARING = "file_system"
+
+
+def loader_options(workers: int, device: torch.device, niceness: int = 0) -> dict:
     """Settings of every loader: worker processes that live as long as the loader and read ahead, one thread each,
-    pinned memory for asynchronous copies to a GPU."""
-    return {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
-            "worker_init_fn": worker_init, "prefetch_factor": 4 if workers > 0 else None}
+    pinned memory for asynchronous copies to a GPU. With a GPU, workers run at lower priority (niceness): on a
+    busy CPU the training process, which launches the GPU's work, and the pinning thread come first (measured in
+    bench/RESULTS.md); validation's workers (5) before training's (10), which read ahead meanwhile."""
+    cuda = device.type == "cuda"
+    if workers > 0:
+        torch.multiprocessing.set_sharing_strategy(SHARING)
+    return {"num_workers": workers, "pin_memory": cuda, "persistent_workers": workers > 0,
+            "worker_init_fn": functools.partial(worker_init, niceness=niceness if cuda else 0),
+            "prefetch_factor": 4 if workers > 0 else None}
 
 
 def epoch_stream(loader: DataLoader) -> Iterator[Iterator]:
@@ -92,7 +105,7 @@ def eval_loader(dataset: SegmentationDataset, sizes: list[tuple[int, int]], batc
     """Batches of equal-size whole images, formed and stacked in the workers; images larger than the tile (None:
     no tiling, --resize models) alone."""
     sampler = SizeGroupedBatchSampler(sizes, batch_size, rank, world, repeat, alone_above=tile_size)
-    return DataLoader(dataset, batch_sampler=sampler, **loader_options(workers, device))
+    return DataLoader(dataset, batch_sampler=sampler, **loader_options(workers, device, niceness=5))
 
 
 # --------------------------------------------------------------------------------------------------- RAM cache

@@ -4,14 +4,17 @@ nodata. Used by the dataset tools and by predict.py; numpy and tifffile only.
 A TIFF is read segment by segment (its strips or tiles, decoded on demand and cached for the current row of
 windows), or memory-mapped when uncompressed; other formats are read whole.
 """
+import queue
+import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
 from errors import UserError
-from fileio import TIFF_EXTENSIONS, read_image
+from fileio import TIFF_EXTENSIONS, atomic_output, read_image
 
 # GeoTIFF and GDAL tags carried from a source raster to its tiles and back to the stitched raster.
 GEO_TAGS = {33550: "ModelPixelScale", 33922: "ModelTiepoint", 34264: "ModelTransformation",
@@ -156,3 +159,65 @@ def check_size(reader: RasterReader, image: RasterReader, what: str) -> None:
     if (reader.height, reader.width) != (image.height, image.width):
         raise UserError(f"{reader.path}: {what} is {reader.width}x{reader.height} but the image {image.path} is "
                         f"{image.width}x{image.height}; every raster of a scene must have the image's size")
+
+
+class TiledTiffWriter:
+    """An (H, W) or (H, W, C) raster written as a tiled, compressed (Deflate) TIFF from bands of rows given top to
+    bottom: memory holds one row of tiles. tifffile pulls the tiles in a thread of its own; the file appears under
+    its name only when complete. Use as a context manager; write(rows) in order, covering every row once."""
+
+    def __init__(self, path: Path, height: int, width: int, bands: int, dtype, tile: int = 256,
+                 extratags: list | None = None):
+        self.path, self.height, self.width, self.tile = Path(path), height, width, tile
+        self.shape = (height, width) if bands == 1 else (height, width, bands)
+        self.dtype = np.dtype(dtype)
+        self.extratags = extratags or []
+        self.rows: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.ended = False  # the end-of-rows marker was taken
+        self.thread = threading.Thread(target=self._run, name="segkit-tiff-writer", daemon=True)
+
+    def __enter__(self) -> "TiledTiffWriter":
+        self.thread.start()
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        self.rows.put(None)
+        self.thread.join()
+        if kind is None and self.error is not None:
+            raise self.error
+
+    def write(self, rows: np.ndarray) -> None:
+        if self.error is not None:
+            raise self.error
+        self.rows.put(rows)
+
+    def _run(self) -> None:
+        try:
+            big = self.height * self.width * self.dtype.itemsize * (self.shape[2] if len(self.shape) > 2 else 1)
+            with atomic_output(self.path) as tmp:
+                tifffile.imwrite(tmp, self._tiles(), shape=self.shape, dtype=self.dtype, tile=(self.tile, self.tile),
+                                 compression="zlib", photometric="minisblack", planarconfig="contig",
+                                 bigtiff=big > 2 ** 31, extratags=self.extratags)
+        except BaseException as e:  # noqa: BLE001 -- handed to the caller's thread
+            self.error = e
+            while not self.ended and self.rows.get() is not None:  # let the caller finish putting
+                pass
+
+    def _tiles(self) -> Iterator[np.ndarray]:
+        t, pending = self.tile, None  # rows received, not yet placed
+        for y in range(0, self.height, t):
+            h = min(t, self.height - y)
+            out = np.zeros((t, self.width + (-self.width) % t, *self.shape[2:]), self.dtype)
+            filled = 0
+            while filled < h:
+                if pending is None or len(pending) == 0:
+                    pending = self.rows.get()
+                    if pending is None:
+                        self.ended = True
+                        raise ValueError(f"{self.path}: {y + filled} of {self.height} rows were written")
+                take = min(len(pending), h - filled)
+                out[filled:filled + take, :self.width] = pending[:take]
+                pending, filled = pending[take:], filled + take
+            for x in range(0, self.width, t):
+                yield out[:, x:x + t]

@@ -85,13 +85,16 @@ def configure(device, deterministic: bool = False) -> None:
         torch.set_float32_matmul_precision("high")
 
 
-def worker_init(_: int) -> None:
-    """Inside a loader worker: one thread each, so workers do not fight over cores."""
+def worker_init(_: int, niceness: int = 0) -> None:
+    """Inside a loader worker: one thread each, so workers do not fight over cores; a lower priority (niceness),
+    so the process that feeds the GPU is never starved by the workers reading ahead for it."""
     import cv2
     import torch
 
     cv2.setNumThreads(0)
     torch.set_num_threads(1)
+    if niceness:
+        os.nice(niceness)
 
 
 # ------------------------------------------------------------------------------------------------ torchrun

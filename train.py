@@ -326,7 +326,7 @@ def make_loaders(args: argparse.Namespace, splits: dict, data, meta, workers: in
     sampler = EpochBatchSampler(len(train_set), args.batch_size, args.seed, rank=procs.rank, world=procs.world)
     if len(sampler) == 0:
         raise UserError(f"{len(train_set)} training image(s) cannot be shared by {procs.world} processes; use fewer")
-    train = DataLoader(train_set, batch_sampler=sampler, **loader_options(workers, procs.device))
+    train = DataLoader(train_set, batch_sampler=sampler, **loader_options(workers, procs.device, niceness=10))
     tile = None if meta.resize else meta.val_tile_size
     evals = [EvalSet(name, eval_loader(SegmentationDataset(samples, labels, meta.stats, cache=caches.get(name)),
                                        data.sizes[name], args.batch_size, tile, workers, procs.device, procs.rank,

@@ -4,8 +4,10 @@ and resume. Knows nothing of file formats: it gets loaders, a model and its meta
 Crash safety: at the end of an epoch best.pth (if improved), then last.pth are replaced atomically, then
 metrics.csv is rewritten from the history held in last.pth; a run killed at any moment resumes from last.pth and
 rewrites metrics.csv from it, so the CSV never holds a row the checkpoint does not. These writes run in a
-background thread while the next epoch trains (checkpoint.BackgroundWriter), so a kill in the second after an
-epoch's summary is printed may cost that epoch; Ctrl-C and errors wait for the writes.
+background thread while the next epoch trains (checkpoint.BackgroundWriter). Epochs shorter than a write do not
+wait for the disk: while a write is in flight an epoch's state stays pending (improved weights are copied at once)
+and the next free epoch end, or the end of the run, writes the newest, so a kill costs at most the epochs since the
+last write; Ctrl-C and errors wait for the write in flight.
 Reproducibility: each epoch reseeds torch and draws every sample's augmentation seed from (seed, epoch), so a
 resumed run sees the same batches and augmentations as an uninterrupted one.
 Under torchrun, every process trains its share of each batch and evaluates its share of the val batches; the
@@ -113,6 +115,9 @@ class Trainer:
         self.state = TrainState()
         self.writer: checkpoint.BackgroundWriter | None = None
         self.tensorboard = None
+        self.saved_epoch = 0  # the newest epoch handed to the writer
+        self.unsaved: list[dict] = []  # metrics rows of the epochs since, for TensorBoard
+        self.best: Checkpoint | None = None  # an improved epoch's weights, waiting for the writer
 
     # ------------------------------------------------------------------------------------------ state
     def autocast(self):
@@ -164,9 +169,11 @@ class Trainer:
         eval_epochs = {e.name: epoch_stream(e.loader) for e in self.eval_sets}
         try:
             for epoch in range(s.epoch + 1, self.cfg.epochs + 1):
-                self.run_epoch(epoch, next(train_epochs), eval_epochs)
+                val = self.run_epoch(epoch, next(train_epochs), eval_epochs)
                 if s.early_stopped:
                     break
+            if self.main and self.unsaved:
+                self.save(val)
         finally:
             self.writer.close()
             if self.tensorboard is not None:
@@ -176,12 +183,12 @@ class Trainer:
                   f"{s.best_epoch})")
         return s
 
-    def run_epoch(self, epoch: int, batches, eval_epochs: dict) -> None:
+    def run_epoch(self, epoch: int, batches, eval_epochs: dict) -> EvalResult | None:
         t0 = time.monotonic()
         train_loss, lr = self.train_one_epoch(epoch, batches)
         if not math.isfinite(train_loss):
             raise UserError(f"training diverged at epoch {epoch} (loss {train_loss}); last.pth keeps epoch "
-                            f"{self.state.epoch}: run the same command with --amp off to resume from there, or start "
+                            f"{self.saved_epoch}: run the same command with --amp off to resume from there, or start "
                             "a new --exp-name with a lower -lr")
         due = [e for e in self.eval_sets if e.name == "val" or epoch % self.cfg.adv_freq == 0
                or epoch == self.cfg.epochs]
@@ -193,7 +200,8 @@ class Trainer:
         if self.plateau and score is not None:
             self.scheduler.step(score)
         if self.main:
-            self.save(epoch, row, improved, results.get("val"))
+            self.record(row, improved, results.get("val"))
+        return results.get("val")
 
     def train_one_epoch(self, epoch: int, batches) -> tuple[float, float]:
         """One pass of optimizer steps over `batches`; (mean loss over all processes, last lr)."""
@@ -316,25 +324,38 @@ class Trainer:
             s.early_stopped = bool(self.cfg.patience) and s.bad_epochs >= self.cfg.patience
         return improved
 
-    def save(self, epoch: int, row: dict, improved: bool, val: EvalResult | None) -> None:
-        """Hand the epoch's writes to the background writer (checkpoints, then metrics.csv and TensorBoard) and
-        print its summary. What the writes need is copied now, so the next epoch may change the live state."""
+    def record(self, row: dict, improved: bool, val: EvalResult | None) -> None:
+        """Print the epoch's summary and hand its writes to the background writer, or, while a write is still in
+        flight, keep them pending (improved weights copied now) for a later epoch end: the loop never waits."""
+        print(self.summary(row, improved), flush=True)
+        self.unsaved.append(row)
+        if self.writer.busy():
+            if improved:
+                self.best = Checkpoint(checkpoint.snapshot(unwrap(self.model).state_dict()), self.meta,
+                                       row["epoch"], row.get("score"))
+            return
+        self.save(val, improved)
+
+    def save(self, val: EvalResult | None, improved: bool = False) -> None:
+        """Write the newest state in the background: best.pth (when an epoch since the last write improved), then
+        last.pth, metrics.csv and TensorBoard. What the writes need is copied now: training goes on meanwhile."""
+        s, exp = self.state, self.cfg.exp_dir
         weights = checkpoint.snapshot(unwrap(self.model).state_dict())
-        last = Checkpoint(weights, self.meta, epoch, row.get("score"), checkpoint.snapshot(self.training_state()))
-        best = Checkpoint(weights, self.meta, epoch, row.get("score")) if improved else None
-        history = list(self.state.history)
+        last = Checkpoint(weights, self.meta, s.epoch, s.history[-1].get("score"),
+                          checkpoint.snapshot(self.training_state()))
+        best = Checkpoint(weights, self.meta, s.epoch, last.score) if improved else self.best
+        history, rows = list(s.history), self.unsaved
         worst = self.worst_predictions(val) if val is not None and self.cfg.log_worst else None
-        exp = self.cfg.exp_dir
 
         def job() -> None:
             if best is not None:
                 checkpoint.save(exp / "best.pth", best)
             checkpoint.save(exp / "last.pth", last)
             write_csv(exp, history)
-            self.log_tensorboard(row, epoch, worst)
+            self.log_tensorboard(rows, worst)
 
         self.writer.submit(job)
-        print(self.summary(row, improved), flush=True)
+        self.saved_epoch, self.unsaved, self.best = s.epoch, [], None
 
     @torch.no_grad()
     def worst_predictions(self, val: EvalResult) -> list[tuple[int, float, np.ndarray]]:
@@ -354,15 +375,17 @@ class Trainer:
 
         self.tensorboard = SummaryWriter(str(self.cfg.exp_dir), purge_step=first_epoch)
 
-    def log_tensorboard(self, row: dict, epoch: int, worst: list | None) -> None:
+    def log_tensorboard(self, rows: list[dict], worst: list | None) -> None:
+        """Scalars of each row's epoch; the worst val samples' picture at the last one."""
         w = self.tensorboard
-        for key, value in row.items():
-            if key == "epoch" or value is None or (isinstance(value, float) and math.isnan(value)):
-                continue
-            group = "iou" if key.startswith("iou_") else "loss" if key.endswith("loss") else "metrics"
-            w.add_scalar(f"{group}/{key}", value, epoch)
+        for row in rows:
+            for key, value in row.items():
+                if key == "epoch" or value is None or (isinstance(value, float) and math.isnan(value)):
+                    continue
+                group = "iou" if key.startswith("iou_") else "loss" if key.endswith("loss") else "metrics"
+                w.add_scalar(f"{group}/{key}", value, row["epoch"])
         if worst:
-            w.add_image("val/worst", self.worst_grid(worst), epoch, dataformats="HWC")
+            w.add_image("val/worst", self.worst_grid(worst), rows[-1]["epoch"], dataformats="HWC")
         w.flush()
 
     def worst_grid(self, worst: list[tuple[int, float, np.ndarray]]) -> np.ndarray:

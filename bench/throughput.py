@@ -34,6 +34,7 @@ import segmentation_models_pytorch as smp  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+import loaders  # noqa: E402
 from augmentations import PRESETS, train_transform  # noqa: E402
 from checkpoint import ModelMeta  # noqa: E402
 from dataset import Labels, SegmentationDataset, channel_stats, find_samples, scan_samples  # noqa: E402
@@ -69,13 +70,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="batches per timed repeat (model-only, loader-only)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
     p.add_argument("--sliding-size", type=int, default=None, help="large image side (default 4 x image size)")
+    p.add_argument("--sharing", choices=["file_system", "file_descriptor"], default=loaders.SHARING,
+                   help="how loader workers hand tensors over (torch.multiprocessing sharing strategy)")
     p.add_argument("--json", default=None, help="also write the results as flat JSON here")
     return p
 
 
 def make_synthetic(folder: Path, size: int, count: int, bands: list[str]) -> Path:
     rng = np.random.default_rng(0)
-    for split, n in (("train", count), ("val", max(8, count // 8))):
+    for split, n in (("train", count), ("val", max(8, count // 2))):
         for sub in ("images", "gt", *bands):
             (folder / split / sub).mkdir(parents=True, exist_ok=True)
         for i in range(n):
@@ -105,6 +108,7 @@ def timed(fn, repeats: int, sync) -> list[float]:
 
 
 def main(args: argparse.Namespace) -> dict:
+    loaders.SHARING = args.sharing
     device = select_device(args.cpu, args.device)
     cuda = device.type == "cuda"
     encoder = args.encoder or ("resnet34" if cuda else "resnet18")
@@ -144,7 +148,7 @@ def run(args, device, encoder, size, batch, workers, amp, add_dirs, sync, data: 
     transform = train_transform(args.aug, size, channels == 3 and dtype == "uint8", False, pad)
     dataset = SegmentationDataset(samples, labels, stats, transform, cache)
     loader = DataLoader(dataset, batch_sampler=EpochBatchSampler(len(dataset), batch, seed=0),
-                        **loader_options(workers, device))
+                        **loader_options(workers, device, niceness=10))
     cfg = TrainConfig(Path(tempfile.gettempdir()), device, 1000, amp, channels_last, args.compile, seed=0,
                       warmup_epochs=0, val_batch_size=batch)
     trainer = Trainer(cfg, model, loader, [], meta)
@@ -183,7 +187,7 @@ def run(args, device, encoder, size, batch, workers, amp, add_dirs, sync, data: 
         "image_size": size, "batch_size": batch, "aug": args.aug, "workers": workers,
         "amp": str(amp).replace("torch.", "") if amp else "off", "channels": channels, "data": str(data),
         "train_images": len(samples), "repeats": args.repeats, "steps": args.steps, "cache": args.cache,
-        "compile": args.compile, "channels_last": channels_last,
+        "compile": args.compile, "channels_last": channels_last, "sharing": args.sharing,
     })
     return results
 
@@ -228,7 +232,8 @@ def validation(args, trainer, data, add_dirs, labels, stats, batch, size, worker
 def print_table(r: dict) -> None:
     print(f"\n{r['device']} | torch {r['torch']} | smp {r['smp']} | {r['model']}/{r['encoder']} {r['image_size']}px "
           f"batch {r['batch_size']} | {r['channels']} channels | preset {r['aug']} | {r['workers']} workers | "
-          f"amp {r['amp']} | cache {r['cache']} | compile {r['compile']} | channels_last {r['channels_last']}")
+          f"amp {r['amp']} | cache {r['cache']} | compile {r['compile']} | channels_last {r['channels_last']} | "
+          f"sharing {r['sharing']}")
     print(f"{'measure':<34} {'value':>10}")
     rows = [("first train step (s, incl. compile)", "first_step_s"),
             ("model-only train steps (samples/s)", "model_only"),

@@ -104,6 +104,38 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         assert (a["train_loss"], a["val_miou"]) == (b["train_loss"], b["val_miou"])
 
 
+SLOW_DISK = """
+import runpy, sys, time
+import checkpoint
+save = checkpoint.save
+def slow_save(path, ckpt):
+    time.sleep(0.5)
+    print("wrote", path.name, ckpt.epoch, flush=True)
+    save(path, ckpt)
+checkpoint.save = slow_save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_epochs_faster_than_the_disk_never_wait_and_lose_nothing(tmp_path, binary_ds):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = tmp_path / "logs"
+    r = subprocess.run([sys.executable, "-c", SLOW_DISK, str(ROOT / "train.py"), "-d", str(binary_ds), "-log",
+                        str(log), *FAST, "-e", "6", "--exp-name", "slow"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    writes = [line.split() for line in r.stdout.splitlines() if line.startswith("wrote last.pth")]
+    assert 1 <= len(writes) < 6 and writes[-1][2] == "6"  # some epochs were coalesced, the last one written
+    history = rows(log / "slow")
+    assert [h["epoch"] for h in history] == [str(e) for e in range(1, 7)]
+    scores = [float(h["score"]) for h in history]
+    best = torch.load(log / "slow" / "best.pth", weights_only=True)
+    assert best["epoch"] == scores.index(max(scores)) + 1
+    events = EventAccumulator(str(log / "slow")).Reload()
+    assert [e.step for e in events.Scalars("metrics/val_miou")] == list(range(1, 7))
+
+
 def test_add_val_dirs_select_on_weighted_mean(tmp_path, binary_ds):
     extra = make_dataset(tmp_path / "extra", n_train=1, n_val=2, seed=3)
     listing = tmp_path / "vals.txt"

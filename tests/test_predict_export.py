@@ -1,0 +1,199 @@
+"""predict.py and export.py through their command lines: masks for folders and GeoTIFF scenes, ONNX bundles."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from conftest import ROOT, assert_user_error, make_dataset, run_script
+
+import checkpoint
+from checkpoint import Checkpoint, ModelMeta
+from dataset import ChannelStats, Labels
+from fileio import read_image, write_image
+from inference import Predictor
+from model import build_model
+
+GEO = [(33550, "d", 3, (10.0, 10.0, 0.0), True), (33922, "d", 6, (0, 0, 0, 500000.0, 4100000.0, 0), True),
+       (34735, "H", 16, (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32633), True)]
+
+
+def make_checkpoint(path: Path, arch="unet", encoder="resnet18", values=(255,), add_dirs=(), dtype="uint16",
+                    top=10000.0, tile=64) -> Path:
+    """A segkit checkpoint of an untrained network: enough to test everything but the quality of the masks."""
+    torch.manual_seed(0)
+    labels = Labels(list(values))
+    channels = 3 + len(add_dirs)
+    net, _ = build_model(arch, encoder, channels, labels.out_channels, "none")
+    stats = ChannelStats([top / 3] * channels, [top / 6] * channels, [0.0] * channels, [top] * channels,
+                         [1] * labels.num_classes)
+    meta = ModelMeta(arch=arch, encoder=encoder, in_channels=channels, out_channels=labels.out_channels,
+                     labels=labels, add_dirs=list(add_dirs), stats=stats, dtype=dtype, image_size=64, resize=False,
+                     val_tile_size=tile)
+    checkpoint.save(path, Checkpoint(net.eval().state_dict(), meta, 1, 0.5))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("p") / "ds", n_train=1, n_val=4, size=(48, 80), dtype=np.uint16,
+                        bands=("nir",), ext=".tif")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("m") / "best.pth", add_dirs=("nir",))
+
+
+def predict(*args):
+    return run_script("predict.py", *args)
+
+
+def test_folder_masks_named_like_images_in_label_values(tmp_path, data, ckpt):
+    r = predict("-m", ckpt, "-i", data / "val" / "images", "-o", tmp_path / "out", "--prob", "uint8", "--overlay")
+    assert r.returncode == 0, r.stderr
+    assert "predicted 4 image(s)" in r.stdout
+    predictor = Predictor.load(ckpt, device="cpu")
+    for image in (data / "val" / "images").iterdir():
+        mask = tifffile.imread(tmp_path / "out" / image.name)
+        stacked = np.dstack([read_image(image), read_image(data / "val" / "nir" / image.name)])
+        assert mask.shape == stacked.shape[:2] and set(np.unique(mask)) <= {0, 255}
+        assert (mask == predictor.predict(stacked).mask).mean() > 0.999  # the one inference path
+        prob = tifffile.imread(tmp_path / "out" / f"{image.stem}_prob.tif")
+        assert prob.dtype == np.uint8 and prob.shape == mask.shape
+        assert (tmp_path / "out" / f"{image.stem}_overlay.jpg").stat().st_size > 0
+
+
+def test_geotiff_scene_streams_tiles_keeps_georeference_and_nodata(tmp_path, ckpt):
+    rng = np.random.default_rng(1)
+    (tmp_path / "s" / "images").mkdir(parents=True)
+    (tmp_path / "s" / "nir").mkdir()
+    image = rng.integers(0, 10000, (300, 410, 3), dtype=np.uint16)
+    image[:40, :50] = 0  # nodata corner, in every band
+    nir = rng.integers(0, 10000, (300, 410), dtype=np.uint16)
+    nir[:40, :50] = 0
+    tags = [*GEO, (42113, "s", 2, "0", True)]
+    tifffile.imwrite(tmp_path / "s" / "images" / "scene.tif", image, tile=(128, 128), compression="zlib",
+                     extratags=tags)
+    tifffile.imwrite(tmp_path / "s" / "nir" / "scene.tif", nir, tile=(128, 128), compression="zlib", extratags=tags)
+    r = predict("-m", ckpt, "-i", tmp_path / "s" / "images" / "scene.tif", "-o", tmp_path / "out", "-b", "3")
+    assert r.returncode == 0, r.stderr
+    with tifffile.TiffFile(tmp_path / "out" / "scene.tif") as t:
+        page = t.pages[0]
+        assert page.is_tiled and page.shape == (300, 410)
+        for code, *_ in GEO:
+            assert np.array_equal(np.ravel(page.tags[code].value), np.ravel(tifffile.TiffFile(
+                tmp_path / "s" / "images" / "scene.tif").pages[0].tags[code].value))
+        fill = int(page.tags[42113].value)
+        mask = page.asarray()
+    assert fill not in (0, 255) and (mask[:40, :50] == fill).all() and (mask[40:] != fill).all()
+    whole = Predictor.load(ckpt, device="cpu", batch_size=3).predict(np.dstack([image, nir])).mask
+    assert (mask[40:] == whole[40:]).mean() > 0.999  # streaming equals predicting the whole image at once
+
+
+@pytest.mark.parametrize("arch,encoder", [("unet", "resnet18"), ("unet++", "resnet18"), ("fpn", "resnet18"),
+                                          ("deeplabv3+", "resnet18"), ("segformer", "mit_b0"),
+                                          ("upernet", "resnet18")])
+def test_export_bundle_agrees_with_pytorch(tmp_path, data, arch, encoder):
+    ckpt = make_checkpoint(tmp_path / "best.pth", arch, encoder, values=(1, 2, 5), add_dirs=("nir",))
+    r = run_script("export.py", "-m", ckpt, "-o", tmp_path / "bundle", "--check", "--images", data / "val")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "masks 100" in r.stdout or "masks 99.9" in r.stdout, r.stdout
+    assert (tmp_path / "bundle" / "model.onnx").is_file() and (tmp_path / "bundle" / "segkit.json").is_file()
+    fixed = json.loads((tmp_path / "bundle" / "segkit.json").read_text())["fixed_size"]
+    assert (fixed is not None) == (arch == "upernet")  # its pyramid pooling takes one input size only
+    r = predict("-m", tmp_path / "bundle", "-i", data / "val" / "images", "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    values = np.concatenate([tifffile.imread(p).ravel() for p in (tmp_path / "out").iterdir()])
+    assert set(np.unique(values)) <= {0, 1, 2, 5}
+
+
+def test_export_refuses_a_folder_that_holds_other_files(tmp_path, ckpt):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    assert_user_error(run_script("export.py", "-m", ckpt, "-o", tmp_path / "b"), "-o", "not empty")
+    assert (tmp_path / "b" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("how,needles", [
+    ("not a model", ["model.pth", "not a readable PyTorch checkpoint"]),
+    ("missing band", ["nir", "--band nir="]),
+    ("wrong bands", ["channel", "trained on 4"]),
+    ("wrong pixel type", ["float32", "uint16"]),
+    ("output is a file", ["-o", "a file"]),
+    ("outputs exist", ["--overwrite"]),
+])
+def test_bad_input_gets_one_clear_error_before_work(tmp_path, data, ckpt, how, needles):
+    out, images, model = tmp_path / "out", data / "val" / "images", ckpt
+    if how == "not a model":
+        model = tmp_path / "model.pth"
+        model.write_bytes(b"not a checkpoint")
+    elif how == "missing band":
+        images = tmp_path / "x" / "images"
+        images.mkdir(parents=True)
+        write_image(images / "a.tif", np.zeros((40, 40, 3), np.uint16))
+    elif how == "wrong bands":
+        images = tmp_path / "x" / "images"
+        images.mkdir(parents=True)
+        write_image(images / "a.tif", np.zeros((40, 40, 2), np.uint16))
+        (tmp_path / "x" / "nir").mkdir()
+        write_image(tmp_path / "x" / "nir" / "a.tif", np.zeros((40, 40), np.uint16))
+    elif how == "wrong pixel type":
+        images = tmp_path / "x" / "images"
+        images.mkdir(parents=True)
+        write_image(images / "a.tif", np.full((40, 40, 3), 1e6, np.float32))
+        (tmp_path / "x" / "nir").mkdir()
+        write_image(tmp_path / "x" / "nir" / "a.tif", np.full((40, 40), 1e6, np.float32))
+    elif how == "output is a file":
+        out.write_text("x")
+    elif how == "outputs exist":
+        out.mkdir()
+        (out / "v000.tif").write_text("mine")
+    r = predict("-m", model, "-i", images, "-o", out)
+    assert_user_error(r, *needles)
+    if how == "outputs exist":
+        assert (out / "v000.tif").read_text() == "mine"
+
+
+def test_bundle_predicts_without_torch(tmp_path, data, ckpt):
+    """predict.py -m BUNDLE imports no torch: here with torch made unimportable, and in a venv built from
+    requirements-infer.txt when the package index is reachable."""
+    assert run_script("export.py", "-m", ckpt, "-o", tmp_path / "bundle").returncode == 0
+    block = ("import sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; import runpy; "
+             "runpy.run_path(sys.argv[0], run_name='__main__')")
+    args = [str(ROOT / "predict.py"), "-m", str(tmp_path / "bundle"), "-i", str(data / "val" / "images")]
+    r = subprocess.run([sys.executable, "-c", block, *args, "-o", str(tmp_path / "a")], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "a").glob("*.tif"))) == 4
+    assert predict("-m", ckpt, "-i", data / "val" / "images", "-o", tmp_path / "torch").returncode == 0
+    same = [(tifffile.imread(p) == tifffile.imread(tmp_path / "torch" / p.name)).mean()
+            for p in (tmp_path / "a").glob("*.tif")]
+    assert min(same) >= 0.999  # the bundle's masks are the checkpoint's
+    venv = infer_venv()
+    r = subprocess.run([str(venv / "bin" / "python"), *args, "-o", str(tmp_path / "b")], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    for p in (tmp_path / "a").glob("*.tif"):
+        assert np.array_equal(tifffile.imread(p), tifffile.imread(tmp_path / "b" / p.name))
+
+
+def infer_venv() -> Path:
+    """A venv from requirements-infer.txt (cached by its hash); skips where no package index can be reached."""
+    req = ROOT / "requirements-infer.txt"
+    venv = Path(tempfile.gettempdir()) / f"segkit-infer-{hashlib.sha1(req.read_bytes()).hexdigest()[:10]}"
+    if not (venv / "ok").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        r = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                            "-r", str(req)], capture_output=True, text=True, env=dict(os.environ, PIP_NO_INPUT="1"))
+        if r.returncode != 0:
+            pytest.skip(f"pip could not install requirements-infer.txt here: {r.stderr.strip()[-160:]}")
+        (venv / "ok").touch()
+    assert subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True).returncode != 0
+    return venv
