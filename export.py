@@ -154,8 +154,12 @@ def to_int8(path: Path, samples: list[np.ndarray]) -> None:
 
     fp32 = path.with_name("fp32.onnx")
     path.rename(fp32)
-    quantize_static(str(fp32), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    logging.disable(logging.WARNING)  # its advice to pre-process the graph first is for its own developers
+    try:
+        quantize_static(str(fp32), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
     fp32.unlink()
 
 

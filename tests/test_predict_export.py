@@ -114,6 +114,15 @@ def test_export_bundle_agrees_with_pytorch(tmp_path, data, arch, encoder):
     assert set(np.unique(values)) <= {0, 1, 2, 5}
 
 
+@pytest.mark.parametrize("precision", ["--fp16", "--int8"])
+def test_half_and_int8_bundles_report_their_agreement(tmp_path, data, ckpt, precision):
+    r = run_script("export.py", "-m", ckpt, "-o", tmp_path / "b", precision, "--check", "--images", data / "val")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"check ({precision[2:]}" in r.stdout and "identical" in r.stdout and "Mpx/s" in r.stdout
+    assert json.loads((tmp_path / "b" / "segkit.json").read_text())["precision"] == precision[2:]
+    assert predict("-m", tmp_path / "b", "-i", data / "val" / "images", "-o", tmp_path / "out").returncode == 0
+
+
 def test_export_refuses_a_folder_that_holds_other_files(tmp_path, ckpt):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "notes.txt").write_text("mine")
