@@ -105,6 +105,18 @@ def save(path: Path, ckpt: Checkpoint) -> None:
         torch.save(ckpt.to_dict(), tmp)
 
 
+def find(path: Path, flag: str) -> Path:
+    """A checkpoint file as given, or an experiment folder's best.pth (else last.pth)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = next((path / n for n in ("best.pth", "last.pth") if (path / n).is_file()), None)
+    if found is None:
+        raise UserError(f"{flag} {path}: no best.pth or last.pth in it, nor an exported bundle's segkit.json; give a "
+                        "segkit experiment folder, a checkpoint or a bundle")
+    return found
+
+
 def _read(path: Path, what: str) -> dict:
     import torch
 

@@ -52,17 +52,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------------------- export
-def checkpoint_path(path: Path) -> Path:
-    if path.is_dir():
-        best = next((path / n for n in ("best.pth", "last.pth") if (path / n).is_file()), None)
-        if best is None:
-            raise UserError(f"-m {path}: no best.pth or last.pth in it; give a segkit checkpoint or experiment folder")
-        return best
-    if not path.is_file():
-        raise UserError(f"-m {path}: not found; give a best.pth or an experiment folder")
-    return path
-
-
 def bundle_target(path: Path, overwrite: bool) -> Path:
     if path.exists() and not path.is_dir():
         raise UserError(f"-o {path} is a file; give a folder for the bundle")
@@ -210,12 +199,15 @@ def check_images(args: argparse.Namespace, meta) -> list[np.ndarray]:
     return [read_sample(s, None)[0] for s in samples if is_image_file(s.image)]
 
 
-def compare(ckpt: Path, bundle: Path, images: list[np.ndarray], precision: str) -> tuple[bool, str]:
-    """onnxruntime against PyTorch on the images: (passed, a report line)."""
+def compare(model, meta, bundle: Path, images: list[np.ndarray], precision: str) -> tuple[bool, str]:
+    """onnxruntime against the exported PyTorch model on the images: (passed, a report line)."""
+    from inference import TorchRunner
+    from model import min_input_size
+
     onnx_p = Predictor.load(bundle)
     # A fixed-size graph sees every image padded to its size: PyTorch gets the same input to compare like with like.
-    torch_p = Predictor.load(ckpt, device="cpu", amp="off", tile_size=onnx_p.tile_size)
-    torch_p.fixed_size = onnx_p.fixed_size
+    torch_p = Predictor.create(meta, TorchRunner(model, "cpu"), min_input_size(meta.arch), tile_size=onnx_p.tile_size,
+                               fixed_size=onnx_p.fixed_size)
     worst, same, total, seconds = 0.0, 0, 0, {"torch": 0.0, "onnx": 0.0}
     for image in images:
         results = {}
@@ -239,7 +231,9 @@ def main() -> None:
     import checkpoint
     from model import Segmenter, model_from_meta
 
-    ckpt_path = checkpoint_path(Path(args.model))
+    ckpt_path = checkpoint.find(Path(args.model), "-m")
+    if not ckpt_path.is_file():
+        raise UserError(f"-m {ckpt_path}: not found; give a best.pth or an experiment folder")
     target = bundle_target(Path(args.output_dir), args.overwrite)
     ckpt = checkpoint.load(ckpt_path)
     meta = ckpt.meta
@@ -253,7 +247,7 @@ def main() -> None:
         elif args.int8:
             to_int8(tmp / "model.onnx", images)
         write_meta(tmp, meta, precision, args.opset, fixed)
-        passed, report = compare(ckpt_path, tmp, images, precision) if args.check else (True, "")
+        passed, report = compare(model, meta, tmp, images, precision) if args.check else (True, "")
         if target.is_dir() and args.overwrite:  # only bundle files, as bundle_target made sure
             for name in BUNDLE_FILES:
                 (target / name).unlink(missing_ok=True)

@@ -127,7 +127,7 @@ class OnnxRunner:
             raise UserError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:160]}); export the "
                             "model again with export.py") from None
         self.input = self.session.get_inputs()[0].name
-        self.device = "cpu"
+        self.device = "cpu"  # where its arrays live: numpy, on the host, whichever provider runs the graph
 
     def asarray(self, images) -> np.ndarray:
         return np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2))
@@ -212,13 +212,9 @@ class Predictor:
         bundle = path if path.is_dir() else path.parent
         if (bundle / BUNDLE_META).is_file() and (path.is_dir() or path.suffix in (".onnx", ".json")):
             return cls.from_bundle(bundle, **settings)
-        if path.is_dir():
-            best = next((path / n for n in ("best.pth", "last.pth") if (path / n).is_file()), None)
-            if best is None:
-                raise UserError(f"-m {path}: neither a segkit experiment (no best.pth) nor an exported bundle "
-                                f"(no {BUNDLE_META})")
-            path = best
-        return cls.from_checkpoint(path, device, amp, **settings)
+        import checkpoint
+
+        return cls.from_checkpoint(checkpoint.find(path, "-m"), device, amp, **settings)
 
     @classmethod
     def from_checkpoint(cls, path: Path, device: str | None = None, amp: str = "auto", **settings) -> "Predictor":
@@ -314,8 +310,8 @@ class Predictor:
         top = 0
         for j in range(0, len(tiles), self.batch_size):
             batch = tiles[j:j + self.batch_size]
-            x = r.stack([r.pad(read(y, x, min(th, height - y), min(tw, width - x)), th, tw) for y, x in batch])
-            logits = self.forward_tta(x) * weight
+            inputs = r.stack([r.pad(read(y, x, min(th, height - y), min(tw, width - x)), th, tw) for y, x in batch])
+            logits = self.forward_tta(inputs) * weight
             rows = batch[-1][0] + th - top
             if acc is None:
                 acc, norm = r.zeros((logits.shape[1], rows, span)), r.zeros((rows, span))

@@ -175,8 +175,7 @@ class Scene:
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         parts = [r.read(y, x, h, w) for r in self.readers]
         parts = [p[..., None] if p.ndim == 2 else p for p in parts]
-        image = np.concatenate(parts, 2).astype(self.dtype, copy=False) if len(parts) > 1 else parts[0]
-        return image
+        return np.concatenate(parts, 2).astype(self.dtype, copy=False) if len(parts) > 1 else parts[0]
 
     def close(self) -> None:
         for r in self.readers:
@@ -206,17 +205,14 @@ class Outputs:
         self.tiff = job.mask.suffix == ".tif"
         self.step = max(1, -(-max(scene.height, scene.width) // OVERLAY_SIDE))
         self.thumb_image, self.thumb_mask, self.missing = [], [], 0
-        geo = {c: t for c, t in scene.geo.items() if c != 42113}
-        if scene.nodata is not None:
-            geo[42113] = {"dtype": 2, "count": len(str(self.fill)) + 1, "value": str(self.fill)}
-        self.tags = extratags(geo) if self.tiff else []
-        self.mask = TiledTiffWriter(job.mask, scene.height, scene.width, 1, self.lut.dtype, extratags=self.tags) \
-            if self.tiff else None
+        georef = {c: t for c, t in scene.geo.items() if c != 42113} if self.tiff else {}  # the input's nodata: not ours
+        nodata = {42113: {"dtype": 2, "count": len(str(self.fill)) + 1, "value": str(self.fill)}} \
+            if self.tiff and scene.nodata is not None else {}
+        self.mask = TiledTiffWriter(job.mask, scene.height, scene.width, 1, self.lut.dtype,
+                                    extratags=extratags({**georef, **nodata})) if self.tiff else None
         self.rows: list[np.ndarray] = []
-        k = predictor.meta.out_channels
-        self.prob = TiledTiffWriter(job.prob, scene.height, scene.width, k, args.prob,
-                                    extratags=extratags({c: t for c, t in geo.items() if c != 42113})
-                                    if self.tiff else []) if args.prob else None
+        self.prob = TiledTiffWriter(job.prob, scene.height, scene.width, predictor.meta.out_channels, args.prob,
+                                    extratags=extratags(georef)) if args.prob else None
 
     def __enter__(self) -> "Outputs":
         for w in (self.mask, self.prob):
@@ -299,13 +295,17 @@ def cpu_limits(predictor: Predictor, args: argparse.Namespace, cuda: bool) -> No
         predictor.batch_size = 16 if cuda else max(1, CPU_PIXELS // predictor.tile_size ** 2)
 
 
+def on_gpu(runner) -> bool:
+    """The model runs on a GPU: PyTorch on a CUDA device, or onnxruntime with its CUDA provider."""
+    session = getattr(runner, "session", None)
+    return str(runner.device).startswith("cuda") or (session is not None
+                                                     and "CUDAExecutionProvider" in session.get_providers())
+
+
 def load_predictor(args: argparse.Namespace) -> Predictor:
     settings = {"tile_size": args.tile_size, "overlap": args.overlap, "tta": args.tta, "threshold": args.threshold}
     predictor = Predictor.load(Path(args.model), device="cpu" if args.cpu else args.device, amp=args.amp, **settings)
-    runner = predictor.runner
-    cuda = getattr(runner.device, "type", runner.device) == "cuda" or "CUDAExecutionProvider" in getattr(
-        getattr(runner, "session", None), "get_providers", list)()
-    cpu_limits(predictor, args, cuda)
+    cpu_limits(predictor, args, on_gpu(predictor.runner))
     return predictor
 
 

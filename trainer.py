@@ -138,6 +138,7 @@ class Trainer:
         if self.scaler is not None and training["scaler"]:
             self.scaler.load_state_dict(training["scaler"])
         self.state = TrainState(**{**training["state"], "history": list(training["state"]["history"])})
+        self.saved_epoch = self.state.epoch  # what last.pth holds
         if self.state.early_stopped:  # more epochs asked for after an early stop: patience starts afresh
             self.state.early_stopped, self.state.bad_epochs = False, 0
         self.check_best()

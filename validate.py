@@ -85,13 +85,12 @@ def model_path(args: argparse.Namespace) -> Path:
         raise UserError("give the model as -c CHECKPOINT or -cd EXPERIMENT_DIR (one of them)")
     if args.check_path:
         return Path(args.check_path)
+    import checkpoint
+
     folder = Path(args.check_dir)
     if not folder.is_dir():
         raise UserError(f"-cd {folder}: experiment folder not found")
-    for name in ("best.pth", "last.pth"):
-        if (folder / name).exists():
-            return folder / name
-    raise UserError(f"-cd {folder}: no best.pth or last.pth in it; is it a segkit experiment folder?")
+    return checkpoint.find(folder, "-cd")
 
 
 def check_flags(args: argparse.Namespace, predictor) -> None:
