@@ -2,6 +2,7 @@
 import errno
 import os
 import sys
+import time
 from collections.abc import Callable
 
 # Failures of the machine rather than of segkit: said in one line, like a user's mistake, because the fix is theirs.
@@ -43,12 +44,21 @@ def run_cli(main: Callable[[], int | None]) -> None:
             raise
         _fail("out of GPU memory: use a smaller --batch-size or --image-size / --tile-size, or --amp bf16")
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
+        if is_main_process():
+            print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
     sys.exit(code or 0)
 
 
+# torchrun ends every process a tenth of a second after the first one fails (its --monitor-interval).
+SAME_ERROR_GRACE_S = 3.0
+
+
 def _fail(message: str) -> None:
-    if is_main_process():
-        print(f"error: {message}", file=sys.stderr, flush=True)
+    """Under torchrun, process 0 says what every process found; another process speaks after a grace period, which
+    it outlives only when the mistake was its own (a file only it read): one error line either way."""
+    if not is_main_process():
+        time.sleep(SAME_ERROR_GRACE_S)
+        message += f" (process {os.environ['RANK']})"
+    print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)

@@ -135,12 +135,6 @@ class Processes:
         torch.distributed.broadcast_object_list(box, 0)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch
-
-            torch.distributed.barrier()
-
     def close(self) -> None:
         if self.world > 1:
             import torch

@@ -135,7 +135,7 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError("--sync-bn is for torchrun on GPUs (batch norm over all processes); drop it here")
 
 
-def experiment_dir(args: argparse.Namespace, procs) -> Path:
+def experiment_dir(args: argparse.Namespace) -> Path:
     """<log-dir>/<exp-name>, checked: the log folder writable, the experiment a folder inside it."""
     from model import architecture
 
@@ -145,7 +145,7 @@ def experiment_dir(args: argparse.Namespace, procs) -> Path:
         raise UserError(f"-log {log}: {existing} is a file, not a folder; choose a folder for the experiments")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"-log {log}: cannot write in {existing} (permission denied); choose another -log folder")
-    name = args.exp_name or procs.share(f"{architecture(args.model)}_{args.encoder}_{datetime.now():%Y%m%d-%H%M%S}")
+    name = args.exp_name or f"{architecture(args.model)}_{args.encoder}_{datetime.now():%Y%m%d-%H%M%S}"
     exp = log / name
     if Path(name).is_absolute() or log.resolve() not in exp.resolve().parents:
         raise UserError(f"--exp-name {name}: the experiment must be a folder inside -log {log}; give a plain name")
@@ -155,7 +155,12 @@ def experiment_dir(args: argparse.Namespace, procs) -> Path:
 
 
 def open_experiment(args: argparse.Namespace, exp_dir: Path, procs):
-    """(the settings to train with, the last.pth to resume from or None, whether it is finished already)."""
+    """(the settings to train with, the last.pth to resume from or None, whether it is finished already), as
+    process 0 finds them: only its disk need hold the experiment, and no process can decide otherwise."""
+    return procs.share(read_experiment(args, exp_dir, procs) if procs.main else None)
+
+
+def read_experiment(args: argparse.Namespace, exp_dir: Path, procs):
     import checkpoint
 
     if not (exp_dir / "last.pth").exists():
@@ -171,8 +176,8 @@ def open_experiment(args: argparse.Namespace, exp_dir: Path, procs):
     args = resume_args(args, ckpt.meta.train_args, exp_dir)
     state = ckpt.training["state"]
     done, saved_epochs = ckpt.epoch, ckpt.meta.train_args["epochs"]
-    finished = procs.share(done >= args.epochs or (state["early_stopped"] and args.epochs <= saved_epochs))
-    if finished and procs.main:
+    finished = done >= args.epochs or (state["early_stopped"] and args.epochs <= saved_epochs)
+    if finished:
         how = "stopped early" if state["early_stopped"] and done < args.epochs else f"{done}/{args.epochs} epochs"
         print(f"experiment {exp_dir} already finished ({how}, best val score {state['best_score']:.4f} at epoch "
               f"{state['best_epoch']}); ask for more epochs with -e N to continue")
@@ -189,7 +194,7 @@ def resume_args(args: argparse.Namespace, saved: dict, exp_dir: Path) -> argpars
                             f"{getattr(args, key)}; use a new --exp-name, or the same setting to resume")
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (saved {v})" for k, v in saved.items()
                if k not in RESUME_OVERRIDES and k not in MODEL_FLAGS and hasattr(args, k) and getattr(args, k) != v]
-    if changed and os.environ.get("RANK", "0") == "0":
+    if changed:
         print(f"note: resuming with the experiment's saved settings; ignoring {', '.join(changed)}")
     return argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in RESUME_OVERRIDES}})
 
@@ -240,22 +245,20 @@ def find_splits(args: argparse.Namespace) -> dict[str, list]:
 
 
 def check_data(args: argparse.Namespace, splits: dict, labels, exp_dir: Path, procs):
-    """Every file checked and the training set measured, once per dataset: process 0 reads the data (or the cache
-    of that check in the log folder) while the others wait, then they read the cache."""
+    """Every file checked and the training set measured, once per dataset (the check is cached in the log folder):
+    under torchrun, process 0 reads the data while the others wait for its summary."""
     from dataset import checked_splits
     from runtime import default_workers
 
-    cache = Path(args.log_dir) / ".dataset-checks"
     workers = args.workers if args.workers is not None else default_workers(procs.device, procs.world)
+    data = None
     if procs.main:
-        data = checked_splits(splits, labels, args.add_dirs.split(), cache, max(1, workers))
+        data = checked_splits(splits, labels, args.add_dirs.split(), Path(args.log_dir) / ".dataset-checks",
+                              max(1, workers))
         exp_dir.mkdir(parents=True, exist_ok=True)  # the experiment folder appears once its data is sound
         for stale in exp_dir.glob(".*.tmp"):  # left by a run killed while writing
             stale.unlink()
-    procs.barrier()
-    if not procs.main:
-        data = checked_splits(splits, labels, args.add_dirs.split(), cache, max(1, workers))
-    return data, workers
+    return procs.share(data), workers
 
 
 def auto_image_size(sizes: list[tuple[int, int]]) -> int:
@@ -385,7 +388,7 @@ def main(args: argparse.Namespace) -> int:
     check_flags(args)
     procs = Processes(args.cpu, args.device)
     try:
-        exp_dir = experiment_dir(args, procs)
+        exp_dir = procs.share(experiment_dir(args) if procs.main else None)  # process 0 alone writes there
         args, resumed, finished = open_experiment(args, exp_dir, procs)
         if finished:
             return 0

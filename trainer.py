@@ -198,6 +198,7 @@ class Trainer:
         row, score = self.epoch_row(epoch, train_loss, lr, results, len(due) == len(self.eval_sets))
         row["time_s"] = time.monotonic() - t0
         improved = self.update_state(epoch, row, score)
+        self.share_stop()
         if self.plateau and score is not None:
             self.scheduler.step(score)
         if self.main:
@@ -282,6 +283,13 @@ class Trainer:
         if self.cfg.world > 1:
             for buffer in unwrap(self.model).buffers():
                 torch.distributed.broadcast(buffer, 0)
+
+    def share_stop(self) -> None:
+        """Every process stops early exactly when process 0 does, whatever rounding its own scores saw."""
+        if self.cfg.world > 1:
+            flag = torch.tensor([self.state.early_stopped], dtype=torch.uint8, device=self.cfg.device)
+            torch.distributed.broadcast(flag, 0)
+            self.state.early_stopped = bool(flag.item())
 
     def all_reduce(self, t: torch.Tensor, average: bool = False) -> None:
         if self.cfg.world > 1:
