@@ -408,7 +408,7 @@ def report(args: argparse.Namespace, out: Path, ckpt_path: Path, data_dir: Path,
         w.writerow([stem, *[_cell(v) for v in scores["iou"][k].tolist()], f"{miou[k]:.6f}",
                     *[_cell(v) for v in scores["f1"][k, 1:].tolist()]])
     write_text(out / "per_image.csv", buf.getvalue())
-    if len(names) > 2 and not args.com:
+    if not args.com:
         write_image(out / "confusion_matrix.png", visualize.confusion_png(np.asarray(s["confusion_matrix"]), names))
     if evaluation.worst and not args.com:
         panels = [p for _, _, p in sorted(evaluation.worst, key=lambda t: -t[0])]

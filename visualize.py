@@ -1,6 +1,19 @@
-"""Pictures for people: any image as 8-bit RGB, class masks in colour, error maps, side-by-side panels."""
+"""Pictures for people: any image as 8-bit RGB, class masks in colour, error maps, side-by-side panels, and a run's
+training curves.
+
+  python -m visualize curves logs/my_exp              # writes logs/my_exp/curves.png from its metrics.csv
+  python -m visualize curves logs/my_exp -o run.png
+"""
+import argparse
+import csv
+import math
+from pathlib import Path
+
 import cv2
 import numpy as np
+
+from cli import Parser
+from errors import UserError, run_cli
 
 IGNORE_COLOR = (96, 96, 96)
 FALSE_POSITIVE = (255, 64, 64)   # predicted, not in truth: red
@@ -103,3 +116,75 @@ def confusion_png(cm: np.ndarray, names: list[str]) -> np.ndarray:
         text(names[i][:7], margin + i * cell + 4, margin - 10)
     text("truth \\ pred", 4, 20)
     return img
+
+
+# ------------------------------------------------------------------------------------------------------ curves
+def read_metrics(exp_dir: Path) -> list[dict[str, float]]:
+    """metrics.csv of an experiment folder as numbers (empty cells, epochs that skipped a val set, as NaN)."""
+    path = exp_dir / "metrics.csv"
+    if not path.is_file():
+        hint = "it is a file; give its experiment folder" if exp_dir.is_file() else "give a folder train.py wrote"
+        raise UserError(f"{exp_dir}: no metrics.csv there ({hint}, e.g. logs/my_exp)")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in csv.DictReader(f)]
+    if not rows:
+        raise UserError(f"{path}: no epoch finished yet; train for at least one epoch")
+    return rows
+
+
+def plot_curves(rows: list[dict[str, float]], title: str, path: Path) -> None:
+    """Loss (train and val) and mIoU (every val set, each class's IoU faint) per epoch, the best epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (loss_ax, iou_ax) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+        if key in rows[0]:
+            loss_ax.plot(epochs, [r[key] for r in rows], marker=".", label=label)
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
+    for key in [k for k in rows[0] if k.startswith("iou_")]:
+        iou_ax.plot(epochs, [r[key] for r in rows], lw=0.8, alpha=0.45, label=f"IoU class {key[4:]}")
+    for key in [k for k in rows[0] if k.endswith("_miou")]:
+        iou_ax.plot(epochs, [r[key] for r in rows], marker=".", lw=2, label=key.replace("_miou", " mIoU"))
+    scored = [r for r in rows if not math.isnan(r.get("score", math.nan))]
+    if scored:
+        best = max(scored, key=lambda r: r["score"])
+        iou_ax.plot([best["epoch"]], [best["score"]], "k*", ms=12,
+                    label=f"best {best['score']:.3f} at epoch {best['epoch']:g}")
+    iou_ax.set(xlabel="epoch", ylabel="IoU", title="validation", ylim=(0, 1))
+    for ax in (loss_ax, iou_ax):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = Parser(description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("curves", help="loss and mIoU per epoch of a training run, from its metrics.csv")
+    c.add_argument("exp_dir", type=Path, help="experiment folder written by train.py (holds metrics.csv)")
+    c.add_argument("-o", "--output", type=Path, help="the picture (default: EXP_DIR/curves.png)")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    rows = read_metrics(args.exp_dir)
+    out = args.output or args.exp_dir / "curves.png"
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".pdf", ".svg"):
+        raise UserError(f"-o {out}: name a .png, .jpg, .pdf or .svg file")
+    if not out.parent.is_dir():
+        raise UserError(f"-o {out}: folder {out.parent} does not exist; create it first")
+    plot_curves(rows, f"{args.exp_dir.resolve().name}: {len(rows)} epochs", out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))

@@ -52,6 +52,34 @@ def make_dataset(root: Path, n_train: int = 6, n_val: int = 3, size: tuple[int, 
     return root
 
 
+# A GeoTIFF georeference: pixel scale, tie point, GeoKeyDirectory (UTM zone 33N).
+GEO = [(33550, "d", 3, (10.0, 10.0, 0.0), True), (33922, "d", 6, (0, 0, 0, 500000.0, 4100000.0, 0), True),
+       (34735, "H", 16, (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32633), True)]
+
+
+def make_checkpoint(path: Path, arch="unet", encoder="resnet18", values=(255,), add_dirs=(), dtype="uint16",
+                    top=10000.0, tile=64) -> Path:
+    """A segkit checkpoint of an untrained network: enough to test everything but the quality of the masks."""
+    import torch
+
+    import checkpoint
+    from checkpoint import Checkpoint, ModelMeta
+    from dataset import ChannelStats, Labels
+    from model import build_model
+
+    torch.manual_seed(0)
+    labels = Labels(list(values))
+    channels = 3 + len(add_dirs)
+    net, _ = build_model(arch, encoder, channels, labels.out_channels, "none")
+    stats = ChannelStats([top / 3] * channels, [top / 6] * channels, [0.0] * channels, [top] * channels,
+                         [1] * labels.num_classes)
+    meta = ModelMeta(arch=arch, encoder=encoder, in_channels=channels, out_channels=labels.out_channels,
+                     labels=labels, add_dirs=list(add_dirs), stats=stats, dtype=dtype, image_size=64, resize=False,
+                     val_tile_size=tile)
+    checkpoint.save(path, Checkpoint(net.eval().state_dict(), meta, 1, 0.5))
+    return path
+
+
 def run_script(script: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run one of the kit's scripts as a user would, with this interpreter, offline."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")

@@ -10,34 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
-from conftest import ROOT, assert_user_error, make_dataset, run_script
+from conftest import GEO, ROOT, assert_user_error, make_checkpoint, make_dataset, run_script
 
-import checkpoint
-from checkpoint import Checkpoint, ModelMeta
-from dataset import ChannelStats, Labels
 from fileio import read_image, write_image
 from inference import Predictor
-from model import build_model
-
-GEO = [(33550, "d", 3, (10.0, 10.0, 0.0), True), (33922, "d", 6, (0, 0, 0, 500000.0, 4100000.0, 0), True),
-       (34735, "H", 16, (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32633), True)]
-
-
-def make_checkpoint(path: Path, arch="unet", encoder="resnet18", values=(255,), add_dirs=(), dtype="uint16",
-                    top=10000.0, tile=64) -> Path:
-    """A segkit checkpoint of an untrained network: enough to test everything but the quality of the masks."""
-    torch.manual_seed(0)
-    labels = Labels(list(values))
-    channels = 3 + len(add_dirs)
-    net, _ = build_model(arch, encoder, channels, labels.out_channels, "none")
-    stats = ChannelStats([top / 3] * channels, [top / 6] * channels, [0.0] * channels, [top] * channels,
-                         [1] * labels.num_classes)
-    meta = ModelMeta(arch=arch, encoder=encoder, in_channels=channels, out_channels=labels.out_channels,
-                     labels=labels, add_dirs=list(add_dirs), stats=stats, dtype=dtype, image_size=64, resize=False,
-                     val_tile_size=tile)
-    checkpoint.save(path, Checkpoint(net.eval().state_dict(), meta, 1, 0.5))
-    return path
 
 
 @pytest.fixture(scope="module")
