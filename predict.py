@@ -25,8 +25,8 @@ from inference import TTA_MODES, Predictor
 from raster import RasterReader, TiledTiffWriter, check_size, extratags, nodata_pixels
 
 OVERLAY_SIDE = 2048  # overlays of larger images are shrunk to this side
-READ_CACHE_MB = 48  # decoded TIFF segments kept per raster
-CPU_TILE, CPU_PIXELS = 512, 2 ** 18  # CPU defaults: largest tile, pixels per forward pass
+READ_CACHE_MB = 16  # decoded TIFF segments kept per raster; decoding again costs little beside the model
+CPU_TILE, CPU_PIXELS = 384, 2 ** 18  # CPU defaults: largest tile, pixels per forward pass (bench/RESULTS.md)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="binary threshold on the foreground probability (default: the model's, else 0.5)")
     g.add_argument("--tile-size", type=multiple_of_32("--tile-size"), default=None,
                    help="images up to this size go whole, larger ones in overlapping tiles (default: the model's, "
-                        "at most 512 on the CPU)")
+                        "at most 384 on the CPU)")
     g.add_argument("--overlap", type=fraction, default=0.5, help="overlap between tiles, a fraction (0.5)")
     g.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation: flips, or all 8 D4 ops")
     g.add_argument("-b", "--batch-size", type=at_least(1), default=None,
@@ -286,7 +286,7 @@ def predict_scene(predictor: Predictor, job: Job, args: argparse.Namespace) -> t
 
 def cpu_limits(predictor: Predictor, args: argparse.Namespace, cuda: bool) -> None:
     """Batch (and, on the CPU, tile) sizes not given: memory grows with the pixels of one forward pass, about
-    0.7 KB per pixel on the CPU, so the CPU gets tiles up to 512 px and a quarter megapixel per pass."""
+    0.7 KB per pixel on the CPU, so the CPU gets tiles up to 384 px and at most a quarter megapixel per pass."""
     if not cuda and args.tile_size is None and not predictor.fixed_size:
         predictor.tile_size = min(predictor.tile_size, CPU_TILE)
     if args.batch_size is not None:
