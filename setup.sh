@@ -14,7 +14,7 @@ if [ "${VENV:-.venv}" != none ]; then
   PY="$venv/bin/python"
   stamp="$venv/.installed-$(basename "$req")"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$(cat requirements*.txt)" ]; then
-    echo "installing $req into $venv (PyTorch with its CUDA libraries: about 6 GB on Linux, once) ..."
+    echo "installing $req into $venv (the first time this includes PyTorch: about 6 GB on Linux) ..."
     quiet=-q; [ -t 1 ] && quiet=   # pip's progress bars on a terminal, not in logs
     "$PY" -m pip install -q --upgrade pip
     "$PY" -m pip install $quiet -r "$req"

@@ -157,10 +157,10 @@ def experiment_dir(args: argparse.Namespace) -> Path:
 def open_experiment(args: argparse.Namespace, exp_dir: Path, procs):
     """(the settings to train with, the last.pth to resume from or None, whether it is finished already), as
     process 0 finds them: only its disk need hold the experiment, and no process can decide otherwise."""
-    return procs.share(read_experiment(args, exp_dir, procs) if procs.main else None)
+    return procs.share(read_experiment(args, exp_dir) if procs.main else None)
 
 
-def read_experiment(args: argparse.Namespace, exp_dir: Path, procs):
+def read_experiment(args: argparse.Namespace, exp_dir: Path):
     import checkpoint
 
     if not (exp_dir / "last.pth").exists():
