@@ -19,11 +19,27 @@ from pathlib import Path
 import numpy as np
 
 from checkpoint import ModelMeta
+from cli import at_least, fraction, multiple_of_32, probability
 from errors import UserError, warn
 from raster import tile_starts
 
 TTA_MODES = ("none", "flip", "d4")
 BUNDLE_META = "segkit.json"  # the metadata file of an exported bundle, beside model.onnx
+
+
+def add_prediction_flags(group, tile_default: str, batch_default: int | None, batch_help: str) -> None:
+    """A Predictor's settings as flags, defined once for every script that predicts: -t, --tile-size, --overlap,
+    --tta, -b (argparse dests threshold, tile_size, overlap, tta, batch_size)."""
+    group.add_argument("-t", "--threshold", type=probability, default=None,
+                       help="binary threshold on the foreground probability (default: the model's, else 0.5)")
+    group.add_argument("--tile-size", type=multiple_of_32("--tile-size"), default=None,
+                       help="images up to this size go whole, larger ones in overlapping tiles "
+                            f"(default: {tile_default})")
+    group.add_argument("--overlap", type=fraction, default=0.5, help="overlap between tiles, a fraction (0.5)")
+    group.add_argument("--tta", default="none", choices=TTA_MODES,
+                       help="test-time augmentation: flips, or all 8 D4 ops")
+    group.add_argument("-b", "--batch-size", type=at_least(1), default=batch_default,
+                       help=f"images or tiles per forward pass ({batch_help})")
 
 
 def tta_ops(mode: str) -> list[tuple[int, bool]]:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import Parser, at_least, fraction, multiple_of_32, probability
+from cli import Parser
 from errors import UserError, run_cli
 from fileio import TIFF_EXTENSIONS, is_image_file, output_folder, write_image
-from inference import TTA_MODES, Predictor
+from inference import Predictor, add_prediction_flags
 from raster import RasterReader, TiledTiffWriter, check_size, extratags, nodata_pixels
 
 OVERLAY_SIDE = 2048  # overlays of larger images are shrunk to this side
@@ -41,15 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "input image, a file (default: the folder NAME beside the images' folder)")
     g.add_argument("--overwrite", action="store_true", help="replace masks already in --output-dir")
     g = p.add_argument_group("prediction")
-    g.add_argument("-t", "--threshold", type=probability, default=None,
-                   help="binary threshold on the foreground probability (default: the model's, else 0.5)")
-    g.add_argument("--tile-size", type=multiple_of_32("--tile-size"), default=None,
-                   help="images up to this size go whole, larger ones in overlapping tiles (default: the model's, "
-                        "at most 384 on the CPU)")
-    g.add_argument("--overlap", type=fraction, default=0.5, help="overlap between tiles, a fraction (0.5)")
-    g.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation: flips, or all 8 D4 ops")
-    g.add_argument("-b", "--batch-size", type=at_least(1), default=None,
-                   help="images or tiles per forward pass (default: a quarter megapixel on the CPU, 16 on a GPU)")
+    add_prediction_flags(g, "the model's, at most 384 on the CPU", None,
+                         "default: a quarter megapixel on the CPU, 16 on a GPU")
     g.add_argument("--nodata", type=float, default=None,
                    help="input pixel value (in every band) that means no data (default: the GeoTIFF's GDAL_NODATA)")
     g = p.add_argument_group("output")

@@ -33,8 +33,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from cli import Parser, at_least, probability
+from cli import Parser, at_least
 from errors import UserError, run_cli
+from inference import add_prediction_flags
 
 PAGE = Path(__file__).resolve().parent / "serve.html"
 FORMATS = {"png": "image/png", "tif": "image/tiff", "json": "application/json"}
@@ -50,11 +51,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="best.pth / last.pth, an experiment folder (its best.pth) or a bundle folder from export.py")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     g.add_argument("--device", default=None, help="device for checkpoints: 0, cuda:1, mps, cpu")
-    g.add_argument("--tile-size", type=at_least(32), default=None,
-                   help="images up to this size go whole, larger ones in overlapping tiles (default: the model's, "
-                        "at most 384 on the CPU)")
-    g.add_argument("-t", "--threshold", type=probability, default=None,
-                   help="default binary threshold (the model's, else 0.5); a request may pass its own")
+    add_prediction_flags(p.add_argument_group("prediction"), "the model's, at most 384 on the CPU", None,
+                         "default: a quarter megapixel on the CPU, 16 on a GPU")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (127.0.0.1: this machine only; 0.0.0.0 exposes it, see the README)")
@@ -87,10 +85,7 @@ class Model:
     def __init__(self, args: argparse.Namespace):
         import predict
 
-        settings = SimpleNamespace(model=args.model, cpu=args.cpu, device=args.device, amp="auto",
-                                   tile_size=args.tile_size, overlap=0.5, tta="none", threshold=args.threshold,
-                                   batch_size=None)
-        self.predictor = predict.load_predictor(settings)
+        self.predictor = predict.load_predictor(argparse.Namespace(**vars(args), amp="auto"))
         self.meta = self.predictor.meta
         self.default_threshold = self.predictor.threshold
         self.path = args.model

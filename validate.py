@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import Parser, at_least, fraction, multiple_of_32, probability
+from cli import Parser, at_least
 from errors import UserError, run_cli
-from inference import TTA_MODES
+from inference import add_prediction_flags
 from runtime import AMP_CHOICES
 
 MARKER = ".segkit-validate"  # marks an output folder as ours, so a re-run may clear its old files
@@ -44,14 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="best.pth or last.pth written by train.py, or a bundle folder written by export.py")
     g.add_argument("-cd", "--check-dir", help="experiment folder: uses its best.pth")
     g = p.add_argument_group("prediction")
-    g.add_argument("-t", "--threshold", type=probability, default=None,
-                   help="binary threshold on the foreground probability (default: the checkpoint's, else 0.5)")
-    g.add_argument("--tile-size", type=multiple_of_32("--tile-size"), default=None,
-                   help="images up to this size are predicted whole; larger ones in overlapping tiles of it "
-                        "(default: the training run's --val-tile-size, so metrics match training's validation)")
-    g.add_argument("--overlap", type=fraction, default=0.5, help="overlap between tiles, a fraction (0.5)")
-    g.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation: flips, or all 8 D4 ops")
-    g.add_argument("-b", "--batch-size", type=at_least(1), default=8, help="images or tiles per forward pass (8)")
+    add_prediction_flags(g, "the training run's --val-tile-size, so metrics match training's validation", 8, "8")
     g.add_argument("--find-threshold", action="store_true",
                    help="sweep thresholds on this set (binary models) and print IoU for each")
     g.add_argument("--save-threshold", action="store_true",
