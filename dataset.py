@@ -570,9 +570,10 @@ class SegmentationDataset:
         else:
             image, mask = self.load(index)
             image = image if image.dtype == np.uint8 else image.astype(np.float32)
-        item = {"image": np.ascontiguousarray(image), "index": index}
+        # Contiguous and writable: views of the read-only RAM cache are copied (torch warns on read-only arrays).
+        item = {"image": np.require(image, requirements="CW"), "index": index}
         if mask is not None:
-            item["mask"] = np.ascontiguousarray(mask)
+            item["mask"] = np.require(mask, requirements="CW")
         if self.thumbnails:
             from visualize import to_rgb8
 

@@ -3,11 +3,26 @@
 torch is imported inside the functions that need it: the dataset tools take cpu_count() from here and must start
 without loading torch.
 """
+import contextlib
+import gc
 import os
 
 from errors import UserError
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """For the heavy imports (torch, segmentation_models_pytorch): Python's cyclic garbage collector would traverse
+    their growing heap again and again, about a fifth of the import time (bench/RESULTS.md). What they made is then
+    frozen: later collections skip it, and forked loader workers do not copy its pages by touching it."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def select_device(cpu: bool = False, device: str | None = None):
@@ -95,6 +110,23 @@ def worker_init(_: int, niceness: int = 0) -> None:
     torch.set_num_threads(1)
     if niceness:
         os.nice(niceness)
+    start_shm_manager_quietly(torch)
+
+
+def start_shm_manager_quietly(torch) -> None:
+    """Under file_system sharing, a worker's first shared batch starts a torch_shm_manager, which inherits stderr
+    and outlives the run by 2 s: whatever reads our output through a pipe (`| tee`, a notebook, a test) would wait
+    for it. Started here, on /dev/null instead."""
+    if torch.multiprocessing.get_sharing_strategy() != "file_system":
+        return
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        torch.empty(1).share_memory_()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 # ------------------------------------------------------------------------------------------------ torchrun

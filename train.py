@@ -381,9 +381,11 @@ def fit(trainer, meta):
 
 # ---------------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> int:
-    from dataset import Labels
-    from runtime import Processes
-    from trainer import Trainer
+    from runtime import Processes, gc_paused
+
+    with gc_paused():
+        from dataset import Labels
+        from trainer import Trainer
 
     check_flags(args)
     procs = Processes(args.cpu, args.device)

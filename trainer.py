@@ -79,6 +79,34 @@ class EvalResult:
     scores: dict
     per_image_iou: torch.Tensor  # (N,) in dataset order
     seconds: float
+    worst: list = field(default_factory=list)  # WorstImages.lowest() of the images this process scored
+
+
+class WorstImages:
+    """The k lowest-IoU images of an evaluation with their predicted classes, picked on the device as the batches
+    go by, so their picture needs no second reading or forward pass. Each batch leaves its k lowest; the candidates
+    are narrowed down to k (one wait for the device) whenever they outgrow PRUNE_BYTES."""
+
+    PRUNE_BYTES = 64 * 2 ** 20
+
+    def __init__(self, k: int):
+        self.k, self.kept, self.pending, self.pending_bytes = k, [], [], 0
+
+    def add(self, iou: torch.Tensor, index: torch.Tensor, classes: torch.Tensor) -> None:
+        """A batch's per-image IoU (N,), dataset indices (N,) and predicted classes (N, H, W), all on the device."""
+        if self.k == 0:
+            return
+        low = torch.topk(iou, min(self.k, len(iou)), largest=False).indices
+        self.pending.append((iou[low], index[low], classes[low].to(torch.uint8)))
+        self.pending_bytes += self.pending[-1][2].numel()
+        if self.pending_bytes > self.PRUNE_BYTES:
+            self.kept, self.pending, self.pending_bytes = self.lowest(), [], 0
+
+    def lowest(self) -> list[tuple[float, int, torch.Tensor]]:
+        """(IoU, dataset index, classes (H, W)) of the k lowest so far, lowest first (ties: lower index)."""
+        items = self.kept + [t for ious, indices, classes in self.pending
+                             for t in zip(ious.tolist(), indices.tolist(), classes, strict=True)]
+        return sorted(items, key=lambda t: t[:2])[: self.k]
 
 
 @dataclass
@@ -267,16 +295,21 @@ class Trainer:
         cm = metrics.ConfusionMatrix(num_classes, device)
         loss_sum = torch.zeros((), device=device)
         ious = torch.zeros(eval_set.size, dtype=torch.float64, device=device)
+        worst = WorstImages(self.cfg.log_worst if self.main and eval_set.name == "val" else 0)
         for batch in batches:
             logits = self.predictor.logits(self.predictor.runner.asarray(batch["image"]))
             masks = batch["mask"].to(device, non_blocking=True)
+            index = batch["index"].to(device, non_blocking=True)
             loss_sum += self.criterion(logits, masks) * len(masks)
-            per_image = cm.update(metrics.predict_classes(logits), masks)
-            ious[batch["index"].to(device)] = metrics.mean_foreground_iou(per_image)
+            classes = metrics.predict_classes(logits)
+            iou = metrics.mean_foreground_iou(cm.update(classes, masks))
+            ious[index] = iou
+            worst.add(iou, index, classes)
         cm.all_reduce()
         self.all_reduce(loss_sum)
         self.all_reduce(ious)  # each image was scored by exactly one process
-        return EvalResult(loss_sum.item() / max(eval_set.size, 1), cm.compute(), ious.cpu(), time.monotonic() - t0)
+        return EvalResult(loss_sum.item() / max(eval_set.size, 1), cm.compute(), ious.cpu(), time.monotonic() - t0,
+                          worst.lowest())
 
     def sync_buffers(self) -> None:
         """Under torchrun, every process evaluates with process 0's batch-norm statistics: those it saves."""
@@ -368,14 +401,20 @@ class Trainer:
 
     @torch.no_grad()
     def worst_predictions(self, val: EvalResult) -> list[tuple[int, float, np.ndarray]]:
-        """(index, IoU, predicted classes) of the val samples with the lowest IoU: the picture is drawn later."""
-        dataset = self.eval_sets[0].loader.dataset
+        """(index, IoU, predicted classes) of the val samples with the lowest IoU over every process: the picture is
+        drawn later. This process kept its own worst from the evaluation; under torchrun, those another process
+        scored are predicted again."""
+        captured = {index: classes for _, index, classes in val.worst}
+        ious = val.per_image_iou.numpy()
+        elsewhere = np.ones(len(ious), dtype=bool)
+        elsewhere[list(captured)] = False
         out = []
-        for index in torch.argsort(val.per_image_iou)[: self.cfg.log_worst].tolist():
-            image = dataset[index]["image"]
-            logits = self.predictor.logits(self.predictor.runner.asarray(image[None]))
-            pred = metrics.predict_classes(logits)[0].byte().cpu().numpy()
-            out.append((index, float(val.per_image_iou[index]), pred))
+        for index in np.lexsort((elsewhere, ious))[: self.cfg.log_worst].tolist():  # ties: captured first
+            classes = captured.get(index)
+            if classes is None:
+                image = self.eval_sets[0].loader.dataset[index]["image"]
+                classes = metrics.predict_classes(self.predictor.logits(self.predictor.runner.asarray(image[None])))[0]
+            out.append((index, float(ious[index]), classes.byte().cpu().numpy()))
         return out
 
     def open_tensorboard(self, first_epoch: int) -> None:

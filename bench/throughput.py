@@ -9,6 +9,7 @@ Measures, after warm-up, the median of --repeats timed runs (CUDA synchronised):
   loader_only   samples/s of the real Dataset + preset + DataLoader over the folder, nothing else
   end_to_end    samples/s of the real Trainer's training epoch (no validation), and its ratio to model_only
   val_forward   forward passes on a device-resident batch (no grad): the validation limit
+  val_loader    images/s of the val loader alone (reading, batching in the workers, handing over), nothing on the device
   val_tiles     images/s of validate.py's loop over tile-size images (reading, batching, metrics)
   val_sliding   megapixels/s of the sliding window over one large image
 Defaults: unet + resnet34, 512 px, batch 16 on CUDA; unet + resnet18, 128 px, batch 8 on CPU; preset hard.
@@ -218,6 +219,8 @@ def validation(args, trainer, data, add_dirs, labels, stats, batch, size, worker
                 cm.update(predictor.classes(predictor.probabilities(logits)), b["mask"].to(device))
 
         iter_loader = iter(loader)
+        t = timed(lambda: list(itertools.islice(iter_loader, len(loader))), args.repeats, lambda: None)
+        results["val_loader_only"] = len(val_samples) / statistics.median(t)
         t = timed(validate, args.repeats, sync)
         results["val_tiles"] = len(val_samples) / statistics.median(t)
         results["val_tiles_over_forward"] = results["val_tiles"] / results["val_forward_only"]
@@ -242,6 +245,7 @@ def print_table(r: dict) -> None:
             ("  end-to-end / model-only", "end_to_end_over_model_only"),
             ("  loader-only / end-to-end", "loader_over_end_to_end"),
             ("val forward-only (images/s)", "val_forward_only"),
+            ("val loader-only (images/s)", "val_loader_only"),
             ("val tiles, validate loop (images/s)", "val_tiles"),
             ("  val tiles / forward-only", "val_tiles_over_forward"),
             ("val sliding window (Mpx/s)", "val_sliding_mpx_s")]

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from augmentations import train_transform
 from dataset import Labels, SegmentationDataset, channel_stats, find_samples, scan_samples
 from loaders import EpochBatchSampler, RamCache, SizeGroupedBatchSampler
-from runtime import configure, worker_init
+from runtime import configure, gc_paused, worker_init
 
 
 @pytest.fixture
@@ -94,3 +94,18 @@ def test_cli_runs_bf16_amp_cache_and_deterministic_on_cpu(tmp_path, binary_ds):
     assert r2.returncode == 0, r2.stderr
     rows = [(tmp_path / "logs" / e / "metrics.csv").read_text().splitlines()[1].split(",")[:4] for e in "ab"]
     assert rows[0] == rows[1]
+
+
+def test_gc_paused_freezes_what_the_imports_made_and_always_resumes():
+    import gc
+
+    before = gc.get_freeze_count()
+    try:
+        with gc_paused():
+            assert not gc.isenabled()
+            made = [[i] for i in range(1000)]  # objects the collector tracks, as an import makes
+            raise KeyError("an import that fails")
+    except KeyError:
+        pass
+    assert gc.isenabled() and gc.get_freeze_count() >= before + len(made)
+    gc.unfreeze()

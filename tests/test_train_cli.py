@@ -1,4 +1,5 @@
 """train.py end to end through its command line, on tiny generated datasets."""
+import contextlib
 import csv
 import os
 import shutil
@@ -6,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,6 +57,30 @@ def test_multiclass_16bit_nir_odd_length_non_ascii(tmp_path):
     meta = torch.load(exp / "last.pth", weights_only=True)["meta"]
     assert meta["in_channels"] == 4 and meta["out_channels"] == 4 and meta["add_dirs"] == ["nir"]
     assert meta["dtype"] == "uint16" and meta["stats"]["max"][0] > 255
+
+
+def pipe_holders(pipe) -> set[int]:
+    """Processes other than this one with either end of `pipe` open (Linux /proc)."""
+    name, found = f"pipe:[{os.fstat(pipe.fileno()).st_ino}]", set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) == name for fd in fd_dir.iterdir()):
+                found.add(int(fd_dir.parent.name))
+    return found - {os.getpid()}
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc")
+def test_output_pipes_close_when_train_exits(tmp_path, binary_ds):
+    """With loader workers, nothing train.py starts (torch's shared-memory managers) keeps its stdout or stderr
+    open after it exits: `train.py | tee log` and notebooks would wait for it."""
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-d", str(binary_ds), "-log", str(tmp_path), *FAST,
+                          "-w", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert p.wait(timeout=600) == 0
+    assert pipe_holders(p.stdout) == set() and pipe_holders(p.stderr) == set()
+    assert b"done:" in p.stdout.read()
+    p.stdout.close()
+    p.stderr.close()
 
 
 def test_grey_images_max_mask_val_and_ignore_label(tmp_path):

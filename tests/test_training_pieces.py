@@ -1,15 +1,18 @@
-"""train.py's helpers: schedules, optimizers, the automatic crop size, extra val lists, loss weights."""
+"""train.py's helpers: schedules, optimizers, the automatic crop size, extra val lists, loss weights, the worst val
+images' pictures."""
 import math
 
+import numpy as np
 import pytest
 import torch
-from conftest import make_dataset  # noqa: F401  (puts the repo on sys.path)
+from conftest import FAST, make_dataset
 
 from dataset import Labels
 from errors import UserError
 from losses import loss_weights
 from optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 from train import auto_image_size, read_add_val_list
+from trainer import WorstImages
 
 
 def lrs(schedule: str, epochs=10, steps=10, warmup=1.0) -> list[float]:
@@ -76,3 +79,51 @@ def test_loss_weights_auto_and_given():
     for bad in ("-1", "nan", "0"):
         with pytest.raises(UserError, match="--pos-weight"):
             loss_weights(None, bad, labels, pixels)
+
+
+def test_worst_images_keeps_the_k_lowest_with_their_classes(monkeypatch):
+    monkeypatch.setattr(WorstImages, "PRUNE_BYTES", 3000)  # prune every few batches
+    g = torch.Generator().manual_seed(0)
+    worst, seen, start = WorstImages(5), [], 0
+    for n, side in [(4, 16), (3, 20), (6, 16), (1, 30), (5, 16), (4, 24), (2, 16)]:
+        iou = torch.randint(0, 6, (n,), generator=g).double() / 5  # many ties
+        classes = torch.randint(0, 3, (n, side, side), generator=g)
+        index = torch.randperm(n, generator=g) + start
+        worst.add(iou, index, classes)
+        seen += [(float(v), int(i), c) for v, i, c in zip(iou, index, classes, strict=True)]
+        start += n
+    expected = sorted(seen, key=lambda t: t[:2])[:5]
+    got = worst.lowest()
+    assert [t[:2] for t in got] == [t[:2] for t in expected]
+    assert all(torch.equal(a[2], b[2].to(torch.uint8)) for a, b in zip(got, expected, strict=True))
+    assert WorstImages(0).lowest() == []
+
+
+def test_trainer_pictures_its_worst_val_images_without_a_second_pass(tmp_path):
+    """The worst images' predictions kept during evaluation are those a second forward pass gives; those another
+    torchrun process scored (simulated: dropped from what this process kept) are predicted again, the same."""
+    import train
+    from loaders import epoch_stream
+    from runtime import Processes
+    from trainer import Trainer
+
+    ds = make_dataset(tmp_path / "ds", n_train=4, n_val=6)
+    args = train.get_args_parser().parse_args(["-d", str(ds), "-log", str(tmp_path / "logs"), *FAST,
+                                                "--log-worst", "3"])
+    procs = Processes(cpu=True)
+    labels = Labels.from_args(None, None, None)
+    splits = train.find_splits(args)
+    data, workers = train.check_data(args, splits, labels, tmp_path / "exp", procs)
+    model, meta, _ = train.make_model(args, data, labels, None, procs)
+    train_loader, evals = train.make_loaders(args, splits, data, meta, workers, procs)
+    trainer = Trainer(train.train_config(args, tmp_path / "exp", procs), model, train_loader, evals, meta)
+    result = trainer.evaluate(evals[0], next(epoch_stream(evals[0].loader)))
+    assert len(result.worst) == 3
+    picked = trainer.worst_predictions(result)
+    assert len({pred.tobytes() for _, _, pred in picked}) == 3  # distinct pictures, so a mix-up would show
+    ious = result.per_image_iou.tolist()
+    assert [i for i, _, _ in picked] == sorted(range(6), key=lambda i: (ious[i], i))[:3]
+    result.worst = result.worst[:1]
+    again = trainer.worst_predictions(result)
+    for (i, iou, pred), (j, iou2, pred2) in zip(picked, again, strict=True):
+        assert (i, iou) == (j, iou2) and pred.dtype == np.uint8 and np.array_equal(pred, pred2)
