@@ -235,10 +235,9 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: Path, device: str | None = None, amp: str = "auto", **settings) -> "Predictor":
         import checkpoint
-        from runtime import amp_dtype, channels_last, gc_paused, select_device
+        from model import Segmenter, min_input_size, model_from_meta
+        from runtime import amp_dtype, channels_last, select_device
 
-        with gc_paused():
-            from model import Segmenter, min_input_size, model_from_meta
         ckpt = checkpoint.load(path)
         dev = select_device(device=device)
         model = Segmenter(model_from_meta(ckpt.meta, ckpt.model), ckpt.meta.stats).to(dev).eval()
