@@ -119,7 +119,11 @@ def start_shm_manager_quietly(torch) -> None:
     for it. Started here, on /dev/null instead."""
     if torch.multiprocessing.get_sharing_strategy() != "file_system":
         return
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all (closed by the caller): nothing to keep open
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
         torch.empty(1).share_memory_()
