@@ -52,6 +52,20 @@ def make_dataset(root: Path, n_train: int = 6, n_val: int = 3, size: tuple[int, 
     return root
 
 
+def make_trainer(args, exp: Path, procs):
+    """train.py's own pieces, from its parsed flags to a Trainer and its val sets, without training."""
+    import train
+    from dataset import Labels
+    from trainer import Trainer
+
+    labels = Labels.from_args(args.class_list, args.max_mask_val, args.ignore_label)
+    splits = train.find_splits(args)
+    data, workers = train.check_data(args, splits, labels, exp, procs)
+    model, meta, _ = train.make_model(args, data, labels, None, procs)
+    train_loader, evals = train.make_loaders(args, splits, data, meta, workers, procs)
+    return Trainer(train.train_config(args, exp, procs), model, train_loader, evals, meta), evals
+
+
 # A GeoTIFF georeference: pixel scale, tie point, GeoKeyDirectory (UTM zone 33N).
 GEO = [(33550, "d", 3, (10.0, 10.0, 0.0), True), (33922, "d", 6, (0, 0, 0, 500000.0, 4100000.0, 0), True),
        (34735, "H", 16, (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32633), True)]

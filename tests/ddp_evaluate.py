@@ -8,23 +8,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from conftest import make_trainer
+
 import train
-from dataset import Labels
 from loaders import epoch_stream
 from runtime import Processes
-from trainer import Trainer
 
 
 def main(out: str, argv: list[str]) -> None:
     args = train.get_args_parser().parse_args(argv)
     procs = Processes(cpu=True)
     exp = procs.share(train.experiment_dir(args) if procs.main else None)
-    labels = Labels.from_args(args.class_list, args.max_mask_val, args.ignore_label)
-    splits = train.find_splits(args)
-    data, workers = train.check_data(args, splits, labels, exp, procs)
-    model, meta, _ = train.make_model(args, data, labels, None, procs)
-    train_loader, evals = train.make_loaders(args, splits, data, meta, workers, procs)
-    trainer = Trainer(train.train_config(args, exp, procs), model, train_loader, evals, meta)
+    trainer, evals = make_trainer(args, exp, procs)
     result = trainer.evaluate(evals[0], next(epoch_stream(evals[0].loader)))
     if procs.main:
         np.savez(out, confusion=np.array(result.scores["confusion_matrix"]), loss=result.loss,

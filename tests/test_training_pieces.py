@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, make_dataset
+from conftest import FAST, make_dataset, make_trainer
 
 from dataset import Labels
 from errors import UserError
@@ -105,18 +105,11 @@ def test_trainer_pictures_its_worst_val_images_without_a_second_pass(tmp_path):
     import train
     from loaders import epoch_stream
     from runtime import Processes
-    from trainer import Trainer
 
     ds = make_dataset(tmp_path / "ds", n_train=4, n_val=6)
     args = train.get_args_parser().parse_args(["-d", str(ds), "-log", str(tmp_path / "logs"), *FAST,
                                                 "--log-worst", "3"])
-    procs = Processes(cpu=True)
-    labels = Labels.from_args(None, None, None)
-    splits = train.find_splits(args)
-    data, workers = train.check_data(args, splits, labels, tmp_path / "exp", procs)
-    model, meta, _ = train.make_model(args, data, labels, None, procs)
-    train_loader, evals = train.make_loaders(args, splits, data, meta, workers, procs)
-    trainer = Trainer(train.train_config(args, tmp_path / "exp", procs), model, train_loader, evals, meta)
+    trainer, evals = make_trainer(args, tmp_path / "exp", Processes(cpu=True))
     result = trainer.evaluate(evals[0], next(epoch_stream(evals[0].loader)))
     assert len(result.worst) == 3
     picked = trainer.worst_predictions(result)
