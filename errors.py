@@ -30,6 +30,9 @@ def warn(message: str) -> None:
 
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run a script's main(); user errors print as `error: ...` and exit 2, Ctrl-C exits 130."""
+    for name in ("stdout", "stderr"):  # started with it closed (`2>&-`): progress bars write to nothing, not fail
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (open for the process's life)
     try:
         _run(main)
     finally:

@@ -235,8 +235,10 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: Path, device: str | None = None, amp: str = "auto", **settings) -> "Predictor":
         import checkpoint
-        from model import Segmenter, min_input_size, model_from_meta
-        from runtime import amp_dtype, channels_last, select_device
+        from runtime import amp_dtype, channels_last, compiler_not_loaded, select_device
+
+        with compiler_not_loaded():
+            from model import Segmenter, min_input_size, model_from_meta
 
         ckpt = checkpoint.load(path)
         dev = select_device(device=device)

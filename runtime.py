@@ -5,7 +5,10 @@ without loading torch.
 """
 import contextlib
 import gc
+import importlib
 import os
+import sys
+import types
 
 from errors import UserError
 
@@ -23,6 +26,51 @@ def gc_paused():
     finally:
         gc.freeze()
         gc.enable()
+
+
+_DYNAMO_UTILS = "torch._dynamo.utils"
+
+
+class _DynamoUtilsLater(types.ModuleType):
+    """Stands in for torch._dynamo.utils: the function torchvision takes from it loads it when first called; any
+    other name loads it at once (whatever imports the compiler for real still gets it)."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # module introspection (inspect.getmodule asks every module for __file__)
+            raise AttributeError(name)
+        if name == "is_compile_supported":
+            return lambda *args, **kwargs: getattr(importlib.import_module(_DYNAMO_UTILS), name)(*args, **kwargs)
+        if sys.modules.get(_DYNAMO_UTILS) is self:
+            del sys.modules[_DYNAMO_UTILS]
+        return getattr(importlib.import_module(_DYNAMO_UTILS), name)
+
+
+def _not_compiled(fn=None, *args, **kwargs):
+    """torch.compiler.disable for a process that never compiles, where it changes nothing."""
+    return (lambda f: f) if fn is None else fn
+
+
+@contextlib.contextmanager
+def compiler_not_loaded():
+    """For processes that only predict (predict.py, validate.py, serve.py): import the model libraries without
+    torch's compiler, torch._dynamo (~150 MB resident, 3 s of import on a CPU: bench/RESULTS.md). torchvision takes a
+    helper from it that it calls only when compiling; timm and torchvision wrap functions in torch.compiler.disable,
+    which loads it and only matters under torch.compile. Here that helper loads when first called and those wrappers
+    are left off. Training (torch.optim loads the compiler anyway) and export (torch.export) import as usual."""
+    import torch
+
+    if "torch._dynamo" in sys.modules:
+        yield
+        return
+    disable = torch.compiler.disable
+    torch.compiler.disable = _not_compiled
+    sys.modules[_DYNAMO_UTILS] = _DynamoUtilsLater(_DYNAMO_UTILS)
+    try:
+        yield
+    finally:
+        torch.compiler.disable = disable
+        if isinstance(sys.modules.get(_DYNAMO_UTILS), _DynamoUtilsLater):
+            del sys.modules[_DYNAMO_UTILS]
 
 
 def select_device(cpu: bool = False, device: str | None = None):

@@ -109,3 +109,58 @@ def test_gc_paused_freezes_what_the_imports_made_and_always_resumes():
         pass
     assert gc.isenabled() and gc.get_freeze_count() >= before + len(made)
     gc.unfreeze()
+
+
+def _python(code: str, *args) -> str:
+    """Run code in a fresh interpreter (this one may have loaded the compiler already); its stdout."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+PREDICT = """
+import sys
+import numpy as np
+import torch
+if sys.argv[3] == "compiler-first":
+    import torch._dynamo
+from inference import Predictor
+p = Predictor.load(sys.argv[1], device="cpu")
+image = np.random.default_rng(0).integers(0, 10000, (64, 80, 3), dtype=np.uint16)
+np.save(sys.argv[2], p.predict(image).probs)
+print("torch._dynamo" in sys.modules, torch.compiler.disable.__module__)
+"""
+
+
+def test_prediction_loads_no_compiler_and_predicts_the_same(tmp_path):
+    from conftest import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "best.pth")
+    assert _python(PREDICT, ckpt, tmp_path / "a.npy", "as-predict.py").split() == ["False", "torch.compiler"]
+    assert _python(PREDICT, ckpt, tmp_path / "b.npy", "compiler-first").split() == ["True", "torch.compiler"]
+    assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+
+
+def test_compiler_not_loaded_still_gives_the_compiler_to_whoever_imports_it():
+    out = _python("""
+import sys
+import torch
+from runtime import compiler_not_loaded
+with compiler_not_loaded():
+    import torchvision  # its roi_align module takes a compiler helper at import
+    print("torch._dynamo" in sys.modules)
+    import torch._dynamo  # something needs the compiler meanwhile
+    from torch._dynamo.utils import counters
+utils = sys.modules["torch._dynamo.utils"]
+print(type(utils).__name__, utils.counters is counters, torch.compiler.disable.__module__)
+helper = sys.modules["torchvision.ops.roi_align"].is_compile_supported
+print(helper is not utils.is_compile_supported and helper("cpu") == utils.is_compile_supported("cpu"))
+""")
+    assert out.split() == ["False", "module", "True", "torch.compiler", "True"]

@@ -83,6 +83,17 @@ def test_output_pipes_close_when_train_exits(tmp_path, binary_ds):
     p.stderr.close()
 
 
+def test_runs_with_stderr_closed(tmp_path, binary_ds):
+    """Started with no stderr at all (`2>&-`, some schedulers): the progress bars and warnings go nowhere, the run
+    does not end at its first progress bar."""
+    cmd = " ".join(map(str, [sys.executable, ROOT / "train.py", "-d", binary_ds, "-log", tmp_path, "--exp-name", "e",
+                             *FAST, "2>&-"]))
+    r = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0 and "done:" in r.stdout, r.stdout
+    assert (tmp_path / "e" / "best.pth").is_file()
+
+
 def test_grey_images_max_mask_val_and_ignore_label(tmp_path):
     ds = make_dataset(tmp_path / "ds", channels=1, values=(1, 2, 9))
     r = train(ds, tmp_path / "logs", "--exp-name", "g", "--max-mask-val", "2", "--ignore-label", "9",
