@@ -289,9 +289,19 @@ class Predictor:
         if self.meta.resize:
             size = self.meta.image_size
             return r.resize(self.forward_tta(r.resize(x, size, size)), h, w)
-        if h <= self.tile_size and w <= self.tile_size:
+        if self.whole(h, w):
             return self.forward_tta(r.pad(x, self._fit(h), self._fit(w)))[..., :h, :w]
         return r.stack([self.slide(image) for image in x])
+
+    def whole(self, height: int, width: int) -> bool:
+        """Such an image goes through the model whole (stretched, or up to the tile size), not tile by tile."""
+        return self.meta.resize or (height <= self.tile_size and width <= self.tile_size)
+
+    def images_per_pass(self, height: int, width: int) -> int:
+        """How many such whole images one forward pass takes: the pixels of a batch of tiles, at most 256."""
+        side = self.meta.image_size if self.meta.resize else None
+        pixels = (side or self._fit(height)) * (side or self._fit(width))
+        return max(1, min(256, self.batch_size * self.tile_size ** 2 // pixels))
 
     def _fit(self, side: int) -> int:
         return self.fixed_size or max(self.min_size, math.ceil(side / 32) * 32)

@@ -13,6 +13,7 @@ of any size is predicted in bounded memory.
 """
 import argparse
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace masks already in --output-dir")
     g = p.add_argument_group("prediction")
     add_prediction_flags(g, "the model's, at most 384 on the CPU", None,
-                         "default: a quarter megapixel on the CPU, 16 on a GPU")
+                         "default: a quarter megapixel on the CPU, 16 on a GPU; images smaller than a tile go "
+                         "several to a pass, in the pixels of -b tiles")
     g.add_argument("--nodata", type=float, default=None,
                    help="input pixel value (in every band) that means no data (default: the GeoTIFF's GDAL_NODATA)")
     g = p.add_argument_group("output")
@@ -254,13 +256,56 @@ class Outputs:
 
 
 # ----------------------------------------------------------------------------------------------------- predicting
-def predict_scene(predictor: Predictor, job: Job, args: argparse.Namespace) -> tuple[int, int]:
-    """Predict one input into its outputs; (pixels, nodata pixels)."""
+def open_scene(predictor: Predictor, job: Job, args: argparse.Namespace) -> Scene:
     scene = Scene(job, args.nodata)
+    problem = predictor.input_problem(str(job.image), scene.channels, str(scene.dtype))
+    if problem:
+        scene.close()
+        raise UserError(problem)
+    return scene
+
+
+def predict_jobs(predictor: Predictor, jobs: list[Job], args: argparse.Namespace) -> Iterator[tuple[int, int]]:
+    """(pixels, nodata pixels) of each input in turn. Inputs that go through the model whole are predicted in
+    batches of one size across files (one small image per forward pass would leave a GPU idle); larger ones
+    stream through the sliding window."""
+    batch: list[tuple[Job, Scene, np.ndarray, np.ndarray | None]] = []
+    for job in jobs:
+        scene = open_scene(predictor, job, args)
+        if not predictor.whole(scene.height, scene.width):
+            yield from predict_whole(predictor, batch, args)
+            batch = []
+            yield predict_scene(predictor, job, args, scene)
+            continue
+        try:
+            image, missing = model_input(scene.read(0, 0, scene.height, scene.width), scene.nodata)
+        finally:
+            scene.close()
+        if batch and (image.shape != batch[0][2].shape or image.dtype != batch[0][2].dtype
+                      or len(batch) == predictor.images_per_pass(scene.height, scene.width)):
+            yield from predict_whole(predictor, batch, args)
+            batch = []
+        batch.append((job, scene, image, missing))
+    yield from predict_whole(predictor, batch, args)
+
+
+def predict_whole(predictor: Predictor, batch: list, args: argparse.Namespace) -> Iterator[tuple[int, int]]:
+    """Images of one size and type, (job, closed scene, image, nodata pixels), in one forward pass."""
+    if not batch:
+        return
+    r = predictor.runner
+    logits = predictor.logits(r.asarray(np.stack([image for _, _, image, _ in batch])))
+    for (job, scene, image, missing), probs in zip(batch, r.numpy(predictor.probabilities(logits)), strict=True):
+        with Outputs(job, scene, predictor, args) as out:
+            out.add(0, image, probs, missing)
+        yield scene.height * scene.width, out.missing
+
+
+def predict_scene(predictor: Predictor, job: Job, args: argparse.Namespace, scene: Scene | None = None
+                  ) -> tuple[int, int]:
+    """Predict one input (of any size) into its outputs, streamed in bands of rows; (pixels, nodata pixels)."""
+    scene = scene or open_scene(predictor, job, args)
     try:
-        problem = predictor.input_problem(str(job.image), scene.channels, str(scene.dtype))
-        if problem:
-            raise UserError(problem)
         r = predictor.runner
         # The input rows are needed again beside their logits only for nodata, NaN pixels or the overlay.
         again = args.overlay or scene.nodata is not None or scene.dtype.kind == "f"
@@ -310,8 +355,8 @@ def main() -> None:
     from tqdm import tqdm
 
     t0, pixels, missing = time.monotonic(), 0, 0
-    for job in tqdm(jobs, desc="predicting", unit="image", leave=False, dynamic_ncols=True):
-        n, m = predict_scene(predictor, job, args)
+    for n, m in tqdm(predict_jobs(predictor, jobs, args), total=len(jobs), desc="predicting", unit="image",
+                     leave=False, dynamic_ncols=True):
         pixels, missing = pixels + n, missing + m
     seconds = time.monotonic() - t0
     extra = f", {missing / max(pixels, 1):.1%} of pixels nodata" if missing else ""

@@ -73,6 +73,46 @@ def test_geotiff_scene_streams_tiles_keeps_georeference_and_nodata(tmp_path, ckp
     assert (mask[40:] == whole[40:]).mean() > 0.999  # streaming equals predicting the whole image at once
 
 
+@pytest.mark.parametrize("batch", [None, 1])
+def test_whole_images_go_in_batches_of_one_size_across_files(tmp_path, ckpt, batch):
+    """Images up to the tile (64 px) share forward passes with the next ones of their size, in the pixels of -b
+    tiles; a larger image between them slides; every mask is the image's own, nodata included."""
+    import predict
+
+    rng = np.random.default_rng(2)
+    sizes = {"a0": (48, 64), "a1": (48, 64), "a2": (48, 64), "b0": (32, 32), "b1": (32, 32), "c": (100, 90),
+             "d0": (48, 64), "d1": (48, 64)}
+    stacks = {}
+    for folder in ("images", "nir"):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+    for name, (h, w) in sizes.items():
+        stacks[name] = rng.integers(1, 10000, (h, w, 4), dtype=np.uint16)
+        stacks[name][:5, :7] = 0 if name == "a1" else 1  # nodata (--nodata 0) in one image of a batch
+        write_image(tmp_path / "in" / "images" / f"{name}.tif", stacks[name][..., :3])
+        write_image(tmp_path / "in" / "nir" / f"{name}.tif", stacks[name][..., 3])
+    flags = ["-m", ckpt, "-i", tmp_path / "in" / "images", "-o", tmp_path / "out", "--nodata", "0"]
+    args = predict.get_args_parser().parse_args(list(map(str, flags + (["-b", batch] if batch else []))))
+    predictor = predict.load_predictor(args)
+    passes, forward = [], predictor.runner.forward
+    predictor.runner.forward = lambda x: passes.append(x.shape[0]) or forward(x)
+    jobs = predict.plan_jobs(args, predictor.meta.add_dirs, predict.output_folder(tmp_path / "out", "-o"))
+    done = list(predict.predict_jobs(predictor, jobs, args))
+
+    assert done == [(h * w, 35 if name == "a1" else 0) for name, (h, w) in sizes.items()]
+    if batch is None:  # three, two, the sliding window's tiles, two
+        assert passes[:2] == [3, 2] and passes[-1] == 2 and len(passes) > 3
+    else:  # -b 1: one tile's pixels per pass, which two 32 x 32 images fill
+        assert passes[:4] == [1, 1, 1, 2] and set(passes[4:]) == {1} and len(passes) > len(sizes)
+    single = Predictor.load(ckpt, device="cpu")
+    for name, stack in stacks.items():
+        mask = read_image(tmp_path / "out" / f"{name}.tif")
+        expected = single.predict(stack).mask
+        if name == "a1":
+            assert (mask[:5, :7] != expected[:5, :7]).all()  # the nodata fill value
+            mask, expected = mask[5:], expected[5:]
+        assert mask.shape == expected.shape and (mask == expected).mean() > 0.999
+
+
 @pytest.mark.parametrize("arch,encoder", [("unet", "resnet18"), ("unet++", "resnet18"), ("fpn", "resnet18"),
                                           ("deeplabv3+", "resnet18"), ("segformer", "mit_b0"),
                                           ("upernet", "resnet18")])
