@@ -39,10 +39,15 @@ class _DynamoUtilsLater(types.ModuleType):
         if name.startswith("__"):  # module introspection (inspect.getmodule asks every module for __file__)
             raise AttributeError(name)
         if name == "is_compile_supported":
-            return lambda *args, **kwargs: getattr(importlib.import_module(_DYNAMO_UTILS), name)(*args, **kwargs)
-        if sys.modules.get(_DYNAMO_UTILS) is self:
-            del sys.modules[_DYNAMO_UTILS]
-        return getattr(importlib.import_module(_DYNAMO_UTILS), name)
+            return lambda *args, **kwargs: getattr(_dynamo_utils(), name)(*args, **kwargs)
+        return getattr(_dynamo_utils(), name)
+
+
+def _dynamo_utils() -> types.ModuleType:
+    """The real torch._dynamo.utils, loaded now if need be."""
+    if isinstance(sys.modules.get(_DYNAMO_UTILS), _DynamoUtilsLater):
+        del sys.modules[_DYNAMO_UTILS]
+    return importlib.import_module(_DYNAMO_UTILS)
 
 
 def _not_compiled(fn=None, *args, **kwargs):
