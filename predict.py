@@ -271,7 +271,11 @@ def predict_jobs(predictor: Predictor, jobs: list[Job], args: argparse.Namespace
     stream through the sliding window."""
     batch: list[tuple[Job, Scene, np.ndarray, np.ndarray | None]] = []
     for job in jobs:
-        scene = open_scene(predictor, job, args)
+        try:
+            scene = open_scene(predictor, job, args)
+        except UserError:
+            yield from predict_whole(predictor, batch, args)  # the inputs before a refused one still get masks
+            raise
         if not predictor.whole(scene.height, scene.width):
             yield from predict_whole(predictor, batch, args)
             batch = []

@@ -103,6 +103,11 @@ def test_whole_images_go_in_batches_of_one_size_across_files(tmp_path, ckpt, bat
         assert passes[:2] == [3, 2] and passes[-1] == 2 and len(passes) > 3
     else:  # -b 1: one tile's pixels per pass, which two 32 x 32 images fill
         assert passes[:4] == [1, 1, 1, 2] and set(passes[4:]) == {1} and len(passes) > len(sizes)
+    write_image(tmp_path / "in" / "images" / "e.tif", stacks["d1"][..., :2])  # two channels: refused
+    write_image(tmp_path / "in" / "nir" / "e.tif", stacks["d1"][..., 3])
+    r = run_script("predict.py", *flags[:4], "-o", tmp_path / "out2")
+    assert_user_error(r, "e.tif", "channel")
+    assert sorted(p.stem for p in (tmp_path / "out2").iterdir()) == sorted(sizes)  # those before it were written
     single = Predictor.load(ckpt, device="cpu")
     for name, stack in stacks.items():
         mask = read_image(tmp_path / "out" / f"{name}.tif")
