@@ -73,10 +73,7 @@ def read_image(path: Path, palette_indices: bool = False) -> np.ndarray:
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except Exception as e:  # noqa: BLE001 -- tifffile/Pillow raise many types for broken files
-        if "imagecodecs" in str(e):
-            raise UserError(f"{path}: compressed TIFF needs imagecodecs: pip install imagecodecs") from None
-        raise UserError(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:120]}); the file is corrupt or "
-                        "not an image: re-export it or remove this sample") from None
+        raise unreadable(path, e) from None
     if data is None:
         raise UserError(f"{path}: cannot be decoded; the file is corrupt or not an image: re-export it or remove "
                         "this sample")
@@ -85,6 +82,14 @@ def read_image(path: Path, palette_indices: bool = False) -> np.ndarray:
     elif data.ndim == 3 and data.shape[2] == 4:
         data = cv2.cvtColor(data, cv2.COLOR_BGRA2RGBA)
     return data
+
+
+def unreadable(path: Path, e: Exception) -> UserError:
+    """The error for a file its decoder refuses (tifffile, imagecodecs and Pillow raise many types)."""
+    if "imagecodecs" in str(e):
+        return UserError(f"{path}: compressed TIFF needs imagecodecs: pip install imagecodecs")
+    return UserError(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:120]}); the file is corrupt or not an "
+                     "image: re-export it or remove this sample")
 
 
 @contextlib.contextmanager

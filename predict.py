@@ -12,6 +12,7 @@ Rasters larger than the tile are read in windows, streamed through the model and
 of any size is predicted in bounded memory.
 """
 import argparse
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -273,18 +274,18 @@ def predict_jobs(predictor: Predictor, jobs: list[Job], args: argparse.Namespace
     for job in jobs:
         try:
             scene = open_scene(predictor, job, args)
-        except UserError:
+            whole = predictor.whole(scene.height, scene.width)
+            if whole:
+                with contextlib.closing(scene):
+                    image, missing = model_input(scene.read(0, 0, scene.height, scene.width), scene.nodata)
+        except Exception:
             yield from predict_whole(predictor, batch, args)  # the inputs before a refused one still get masks
             raise
-        if not predictor.whole(scene.height, scene.width):
+        if not whole:
             yield from predict_whole(predictor, batch, args)
             batch = []
             yield predict_scene(predictor, job, args, scene)
             continue
-        try:
-            image, missing = model_input(scene.read(0, 0, scene.height, scene.width), scene.nodata)
-        finally:
-            scene.close()
         if batch and (image.shape != batch[0][2].shape or image.dtype != batch[0][2].dtype
                       or len(batch) == predictor.images_per_pass(scene.height, scene.width)):
             yield from predict_whole(predictor, batch, args)

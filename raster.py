@@ -14,7 +14,7 @@ import numpy as np
 import tifffile
 
 from errors import UserError
-from fileio import TIFF_EXTENSIONS, atomic_output, read_image
+from fileio import TIFF_EXTENSIONS, atomic_output, read_image, unreadable
 
 # GeoTIFF and GDAL tags carried from a source raster to its tiles and back to the stitched raster.
 GEO_TAGS = {33550: "ModelPixelScale", 33922: "ModelTiepoint", 34264: "ModelTransformation",
@@ -88,7 +88,10 @@ class RasterReader:
             return self._cache[index]
         fh, size = self._tif.filehandle, self._page.databytecounts[index]
         fh.seek(self._page.dataoffsets[index])
-        seg = self._page.decode(fh.read(size) if size else None, index, jpegtables=self._page.jpegtables)[0]
+        try:
+            seg = self._page.decode(fh.read(size) if size else None, index, jpegtables=self._page.jpegtables)[0]
+        except Exception as e:  # noqa: BLE001 -- a damaged segment: the codecs raise many types
+            raise unreadable(self.path, e) from None
         if seg is None:  # a sparse TIFF leaves empty segments out: they hold the nodata value
             seg = np.full(self._segments[index][1], self._page.nodata, self.dtype)
         self._cache[index] = seg

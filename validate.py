@@ -43,6 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("-c", "--checkpoint", dest="check_path",
                    help="best.pth or last.pth written by train.py, or a bundle folder written by export.py")
     g.add_argument("-cd", "--check-dir", help="experiment folder: uses its best.pth")
+    g.add_argument("-m", "--model", help="any of the above, as predict.py takes it: a checkpoint, an experiment "
+                                         "folder or a bundle folder")
     g = p.add_argument_group("prediction")
     add_prediction_flags(g, "the training run's --val-tile-size, so metrics match training's validation", 8, "8")
     g.add_argument("--find-threshold", action="store_true",
@@ -74,12 +76,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------------------------- input
 def model_path(args: argparse.Namespace) -> Path:
-    if bool(args.check_path) == bool(args.check_dir):
-        raise UserError("give the model as -c CHECKPOINT or -cd EXPERIMENT_DIR (one of them)")
+    if sum(map(bool, (args.check_path, args.check_dir, args.model))) != 1:
+        raise UserError("give the model once: -m (a checkpoint, experiment folder or bundle), -c CHECKPOINT or "
+                        "-cd EXPERIMENT_DIR")
     if args.check_path:
         return Path(args.check_path)
     import checkpoint
+    from inference import BUNDLE_META
 
+    if args.model:
+        model = Path(args.model)
+        if not model.exists():
+            raise UserError(f"-m {model}: not found; give a best.pth, an experiment folder or an exported bundle")
+        return model if (model / BUNDLE_META).is_file() else checkpoint.find(model, "-m")
     folder = Path(args.check_dir)
     if not folder.is_dir():
         raise UserError(f"-cd {folder}: experiment folder not found")

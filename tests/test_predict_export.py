@@ -108,6 +108,16 @@ def test_whole_images_go_in_batches_of_one_size_across_files(tmp_path, ckpt, bat
     r = run_script("predict.py", *flags[:4], "-o", tmp_path / "out2")
     assert_user_error(r, "e.tif", "channel")
     assert sorted(p.stem for p in (tmp_path / "out2").iterdir()) == sorted(sizes)  # those before it were written
+    (tmp_path / "in" / "images" / "e.tif").unlink()  # now one that opens but whose pixels cannot be decoded
+    damaged = tmp_path / "in" / "images" / "f.tif"
+    tifffile.imwrite(damaged, stacks["d1"][..., :3], compression="zlib", tile=(16, 16))
+    raw = bytearray(damaged.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)
+    damaged.write_bytes(bytes(raw))
+    write_image(tmp_path / "in" / "nir" / "f.tif", stacks["d1"][..., 3])
+    r = run_script("predict.py", *flags[:4], "-o", tmp_path / "out3")
+    assert_user_error(r, "f.tif", "cannot be read", "corrupt")
+    assert sorted(p.stem for p in (tmp_path / "out3").iterdir()) == sorted(sizes)
     single = Predictor.load(ckpt, device="cpu")
     for name, stack in stacks.items():
         mask = read_image(tmp_path / "out" / f"{name}.tif")

@@ -119,8 +119,19 @@ def big_tiff() -> bytes:
     return buf.getvalue()  # 2 MB, over the server's 1 MB limit
 
 
+def damaged_tiff() -> bytes:
+    """A Deflate-compressed TIFF whose header and tags read but whose pixels do not decode."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.random.default_rng(0).integers(0, 10000, (48, 80, 3), dtype=np.uint16),
+                     compression="zlib", tile=(16, 16))
+    raw = bytearray(buf.getvalue())
+    raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)
+    return bytes(raw)
+
+
 @pytest.mark.parametrize("how,status,needle", [
     ({"file": ("x.png", os.urandom(3000))}, 415, "not an image"),
+    ({"file": ("damaged.tif", damaged_tiff())}, 422, "'damaged.tif': cannot be read"),
     ({"file": None}, 400, "no image"),
     ({"nir": None}, 400, "nir"),
     ({"file": ("grey.png", cv2.imencode(".png", np.zeros((48, 80), np.uint8))[1].tobytes())}, 422, "channel"),

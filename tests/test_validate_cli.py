@@ -67,8 +67,12 @@ def test_default_settings_reproduce_the_training_val_miou(trained, tmp_path):
     r = validate("-cd", trained / "logs" / "bin", "-d", trained / "bin" / "val", "-o", tmp_path / "out", "--com")
     assert r.returncode == 0, r.stderr
     best = torch.load(trained / "logs" / "bin" / "best.pth", weights_only=True)
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["miou"] == pytest.approx(best["score"],
-                                                                                                abs=1e-3)
+    miou = json.loads((tmp_path / "out" / "metrics.json").read_text())["miou"]
+    assert miou == pytest.approx(best["score"], abs=1e-3)
+    # -m takes the model as predict.py does; the experiment folder means its best.pth
+    r = validate("-m", trained / "logs" / "bin", "-d", trained / "bin" / "val", "-o", tmp_path / "m", "--com")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["miou"] == miou
 
 
 def test_masks_reused_as_gt_score_perfectly(trained, tmp_path):
@@ -158,6 +162,9 @@ def test_bad_checkpoints(trained, tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pth")
     assert_user_error(validate("-c", tmp_path / "other.pth", "-d", val), "not a segkit checkpoint")
     assert_user_error(validate("-cd", tmp_path, "-d", val), "no best.pth")
+    assert_user_error(validate("-m", tmp_path, "-d", val), "-m", "no best.pth")
+    assert_user_error(validate("-m", trained / "logs" / "bin", "-cd", trained / "logs" / "bin", "-d", val),
+                      "give the model once")
 
 
 def test_bad_datasets(trained, tmp_path):
