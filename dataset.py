@@ -77,7 +77,9 @@ def pair_files(split_dir: Path, add_dirs: list[str], masks: str = "required") ->
         raise UserError(f"dataset folder {split_dir} not found; expected {split_dir}/images and {split_dir}/gt")
     img_dir = split_dir / "images"
     if not img_dir.is_dir():
-        raise UserError(f"{img_dir} not found: put the input images in an 'images' folder")
+        inside = sorted(p.name + "/" for p in split_dir.iterdir() if p.is_dir())
+        raise UserError(f"{img_dir} not found ({split_dir.name}/ holds {', '.join(inside[:6]) or 'no folders'}): put "
+                        "the input images in an 'images' folder and the masks in 'gt'")
     images = _files_by_stem(img_dir)
     if not images:
         raise UserError(f"{img_dir} holds no images ({' '.join(IMAGE_EXTENSIONS)}); the images/ folder is empty")
@@ -94,6 +96,8 @@ def pair_files(split_dir: Path, add_dirs: list[str], masks: str = "required") ->
     found = {name: _files_by_stem(folder) for name, folder in folders.items()}
     problems = []
     for name, files in found.items():
+        _check_affix(images, files, folders[name])
+        _check_affix(files, images, img_dir)
         for stem in sorted(set(images) - set(files)):
             problems.append(f"{images[stem]} has no partner in {name}/ (expected {folders[name] / stem}.<ext>)")
         for stem in sorted(set(files) - set(images)):
@@ -101,6 +105,26 @@ def pair_files(split_dir: Path, add_dirs: list[str], masks: str = "required") ->
     complete = [stem for stem in sorted(images) if all(stem in files for files in found.values())]
     return [Sample(stem, images[stem], found["gt"][stem] if use_masks else None, [found[d][stem] for d in add_dirs])
             for stem in complete], problems
+
+
+def _check_affix(partners: dict[str, Path], files: dict[str, Path], folder: Path) -> None:
+    """Raise if every file of `folder` without a partner is named like a partner with one same text added
+    (gt/0_mask.png beside images/0.png): one rename pairs them all, which says more than listing each file."""
+    lonely = sorted(set(files) - set(partners))
+    if not lonely:
+        return
+    first = lonely[0]
+    for stem, partner in partners.items():
+        if first == stem or stem not in first:
+            continue
+        before, after = first[:first.index(stem)], first[first.index(stem) + len(stem):]
+        if (before and after) or not all(s.startswith(before) and s.endswith(after)
+                                         and s[len(before):len(s) - len(after)] in partners for s in lonely):
+            continue
+        where = f"with '{after}' after it" if after else f"with '{before}' before it"
+        raise UserError(f"{folder}: its files are named like their partner in {partner.parent.name}/ {where} "
+                        f"({files[first].name} for {partner.name}), but files pair by identical names: rename "
+                        f"them, e.g. {files[first].name} -> {stem}{files[first].suffix}")
 
 
 def find_samples(split_dir: Path, add_dirs: list[str], masks: str = "required") -> list[Sample]:
@@ -378,6 +402,11 @@ def label_problems(infos: list[SampleInfo], labels: Labels, split: str, other_fi
         hint = (" (many in-between values: JPEG or anti-aliased masks? save masks as PNG with exact values)"
                 if len(unlisted) > 10 else "")
         where = _more([f"{mask} ({_more(values, 4)})" for mask, values in odd.items()], 4)
+        jpeg = [mask for mask in odd if Path(mask).suffix.lower() in (".jpg", ".jpeg")]
+        if jpeg:
+            return [f"{split} masks are JPEG files, whose lossy compression turned the label values into "
+                    f"{len(unlisted)} others ({_more(unlisted, 6)}), in {len(jpeg)} file(s), e.g. {jpeg[0]}; save "
+                    "the masks as PNG or TIFF, which keep exact values"]
         if trained:
             return [f"{split} mask values {_more(unlisted)} are unknown to the model, which was trained with "
                     f"{labels.flag}, in {len(odd)} file(s): {where}; fix those masks, or evaluate without gt/"]
@@ -386,11 +415,15 @@ def label_problems(infos: list[SampleInfo], labels: Labels, split: str, other_fi
                         f"to leave them out of training pass --ignore-label VALUE; or fix those masks{other_fix}")
     no_class = infos and not any(v in found for v in labels.values)
     if no_class and (split == "train" or (unlisted and not labels.strict)):
-        fix = "" if trained else (f"pass the right --class-list, e.g. --class-list \""
-                                  f"{' '.join(str(v) for v in found if v != 0) or '255'}\", or ")
-        problems.append(f"no {split} mask holds any of the class values {' '.join(map(str, labels.values))} "
-                        f"(values found: {_more(found)}); {fix}make the {split} masks use the same label values "
-                        "as the training masks")
+        values, others = " ".join(map(str, labels.values)), [v for v in found if v not in (0, labels.ignore)]
+        if not others:
+            problems.append(f"every {split} mask is all background (values found: {_more(found)}): none marks the "
+                            f"class value(s) {values}; check that {split}/gt holds the real masks, not blank ones")
+            return problems
+        fix = "" if trained else f"pass the right --class-list, e.g. --class-list \"{' '.join(map(str, others))}\", or "
+        same = "fix the masks" if split == "train" else f"make the {split} masks use the training masks' label values"
+        problems.append(f"no {split} mask holds any of the class values {values} (values found: {_more(found)}); "
+                        f"{fix}{same}")
     return problems
 
 

@@ -10,6 +10,7 @@ Outputs go to <log-dir>/<exp-name>/: best.pth, last.pth, metrics.csv, TensorBoar
 """
 import argparse
 import os
+import shlex
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -221,6 +222,21 @@ def read_add_val_list(path: str) -> list[tuple[str, Path]]:
     return sets
 
 
+def no_train_folder(root: Path) -> str:
+    """Why -d, a folder without train/, is not a dataset: what it is instead and the -d to pass."""
+    split = root.parent if root.name in ("images", "gt") else root
+    if split.name in ("train", "val", "test") and (split / "images").is_dir():
+        return f"-d {root} is a folder inside the dataset: pass the one that holds train/ and val/, -d {split.parent}"
+    if (split / "images").is_dir():
+        out = shlex.quote(f"{split}_split")
+        who = f"-d {root}" if split == root else f"-d {root}: {split}"
+        return (f"{who} holds images/ but is not split into train/ and val/; split it with python "
+                f"dataset_utils/split_dataset.py {shlex.quote(str(split))} -o {out} --val 0.2, then pass -d {out}")
+    inside = sorted(p.name + "/" for p in root.iterdir() if p.is_dir())
+    return (f"-d {root}: no train/ folder in it (it holds {', '.join(inside[:6]) or 'no folders'}); a dataset is "
+            "<root>/train/images, <root>/train/gt and the same under <root>/val")
+
+
 def find_splits(args: argparse.Namespace) -> dict[str, list]:
     """The paired samples of train/ and of every val set, keyed by set name ("train", "val", extra sets)."""
     from dataset import find_samples
@@ -229,6 +245,8 @@ def find_splits(args: argparse.Namespace) -> dict[str, list]:
     root = Path(args.dataset_dir)
     if not root.is_dir():
         raise UserError(f"-d {root}: dataset folder not found")
+    if not (root / "train").is_dir():
+        raise UserError(no_train_folder(root))
     val_dir = Path(args.val_dir) if args.val_dir else root / "val"
     eval_dirs = [] if args.use_only_add_val else [("val", val_dir)]
     if args.add_val_dirs:

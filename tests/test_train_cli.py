@@ -223,6 +223,21 @@ def break_dataset(ds, how):
         write_image(tr / "images" / "t003.png", np.zeros((48, 64), np.uint8))
     elif how == "val_channels":
         write_image(ds / "val" / "images" / "v001.png", np.zeros((48, 64), np.uint8))
+    elif how == "masks_suffixed":
+        for p in (tr / "gt").iterdir():
+            p.rename(p.with_name(f"{p.stem}_mask{p.suffix}"))
+    elif how == "bands_prefixed":
+        for p in (ds / "val" / "nir").iterdir():
+            p.rename(p.with_name(f"nir_{p.name}"))
+    elif how == "blank_masks":
+        for p in (tr / "gt").iterdir():
+            write_image(p, np.zeros((48, 64), np.uint8))
+    elif how == "jpeg_masks":
+        for p in list((tr / "gt").iterdir()):
+            write_image(p.with_suffix(".jpg"), read_image(p))
+            p.unlink()
+    elif how == "images_elsewhere":
+        (tr / "images").rename(tr / "img")
 
 
 @pytest.mark.parametrize("how,needles", [
@@ -239,6 +254,11 @@ def break_dataset(ds, how):
     ("rgb_mask", ["t003", "colour"]),
     ("mixed_channels", ["t003", "2 channels", "while 5 have 4"]),
     ("val_channels", ["v001", "differ from the training images"]),
+    ("masks_suffixed", ["train/gt", "'_mask' after it", "t000_mask.png -> t000.png"]),
+    ("bands_prefixed", ["val/nir", "'nir_' before it", "nir_v000.png -> v000.png"]),
+    ("blank_masks", ["every train mask is all background", "train/gt"]),
+    ("images_elsewhere", ["train/images not found", "img/"]),
+    ("jpeg_masks", ["train masks are JPEG files", ".jpg", "PNG or TIFF"]),
 ])
 def test_bad_data_gets_one_clear_error(tmp_path, how, needles):
     ds = make_dataset(tmp_path / "ds", n_train=6, bands=("nir",))
@@ -266,6 +286,16 @@ def test_masks_0_1_name_the_class_list(tmp_path):
 ])
 def test_bad_flags_get_one_clear_error(tmp_path, binary_ds, args, needles):
     assert_user_error(train(binary_ds, tmp_path / "logs", *args), *needles)
+
+
+def test_dataset_folder_at_the_wrong_level_names_the_right_one(tmp_path, binary_ds):
+    for inside in (binary_ds / "train", binary_ds / "val" / "images"):
+        assert_user_error(train(inside, tmp_path / "logs"), f"-d {inside} is a folder inside the dataset",
+                          f"-d {binary_ds}\n")
+    flat = tmp_path / "flat"
+    (binary_ds / "train").rename(flat)
+    assert_user_error(train(flat, tmp_path / "logs"), "not split into train/ and val/", "split_dataset.py")
+    assert_user_error(train(tmp_path, tmp_path / "logs"), "no train/ folder", "flat/")
 
 
 def test_missing_val_split_points_to_the_fix(tmp_path, binary_ds):
