@@ -395,21 +395,23 @@ def label_problems(infos: list[SampleInfo], labels: Labels, split: str, other_fi
     found = sorted({v for i in infos for v in i.mask_values})
     odd = {i.mask: sorted(v for v in i.mask_values if v not in known) for i in infos}
     odd = {mask: values for mask, values in odd.items() if values}  # file -> its unlisted values
-    unlisted = sorted({v for values in odd.values() for v in values})
     problems = []
+    jpeg = {mask: values for mask, values in odd.items() if Path(mask).suffix.lower() in (".jpg", ".jpeg")}
+    if jpeg and labels.strict:
+        blurred = sorted({v for values in jpeg.values() for v in values})
+        problems.append(f"{split} masks are JPEG files, whose lossy compression turned the label values into "
+                        f"{len(blurred)} others ({_more(blurred, 6)}), in {len(jpeg)} file(s), e.g. {next(iter(jpeg))};"
+                        " save the masks as PNG or TIFF, which keep exact values")
+        odd = {mask: values for mask, values in odd.items() if mask not in jpeg}
+    unlisted = sorted({v for values in odd.values() for v in values})
     if unlisted and labels.strict:
         suggestion = " ".join(str(v) for v in found if v != 0 and v != labels.ignore)
         hint = (" (many in-between values: JPEG or anti-aliased masks? save masks as PNG with exact values)"
                 if len(unlisted) > 10 else "")
         where = _more([f"{mask} ({_more(values, 4)})" for mask, values in odd.items()], 4)
-        jpeg = [mask for mask in odd if Path(mask).suffix.lower() in (".jpg", ".jpeg")]
-        if jpeg:
-            return [f"{split} masks are JPEG files, whose lossy compression turned the label values into "
-                    f"{len(unlisted)} others ({_more(unlisted, 6)}), in {len(jpeg)} file(s), e.g. {jpeg[0]}; save "
-                    "the masks as PNG or TIFF, which keep exact values"]
         if trained:
-            return [f"{split} mask values {_more(unlisted)} are unknown to the model, which was trained with "
-                    f"{labels.flag}, in {len(odd)} file(s): {where}; fix those masks, or evaluate without gt/"]
+            return [*problems, f"{split} mask values {_more(unlisted)} are unknown to the model, which was trained "
+                    f"with {labels.flag}, in {len(odd)} file(s): {where}; fix those masks, or evaluate without gt/"]
         problems.append(f"{split} masks hold label values {_more(unlisted)} not covered by {labels.flag}{hint}, in "
                         f"{len(odd)} file(s): {where}. If they are classes, pass --class-list \"{suggestion}\"; "
                         f"to leave them out of training pass --ignore-label VALUE; or fix those masks{other_fix}")

@@ -185,14 +185,23 @@ def read_experiment(args: argparse.Namespace, exp_dir: Path):
     return args, ckpt, finished
 
 
+def as_flag(key: str, value) -> str:
+    """A setting as the command line writes it: --add-dirs nir, --resize, no --class-list."""
+    flag = f"--{key.replace('_', '-')}"
+    if value is True:
+        return flag
+    return f"no {flag}" if value in (None, "", False) else f"{flag} {shlex.quote(str(value))}"
+
+
 def resume_args(args: argparse.Namespace, saved: dict, exp_dir: Path) -> argparse.Namespace:
     """The saved training settings, with the flags a resumed run may change taken from this command line."""
     for key in MODEL_FLAGS:
         if key == "image_size" and args.image_size is None:
             continue
         if key in saved and getattr(args, key) != saved[key]:
-            raise UserError(f"experiment {exp_dir} was trained with --{key.replace('_', '-')} {saved[key]}, not "
-                            f"{getattr(args, key)}; use a new --exp-name, or the same setting to resume")
+            raise UserError(f"experiment {exp_dir} was trained with {as_flag(key, saved[key])} and this command "
+                            f"has {as_flag(key, getattr(args, key))}; use a new --exp-name, or the same setting to "
+                            "resume")
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (saved {v})" for k, v in saved.items()
                if k not in RESUME_OVERRIDES and k not in MODEL_FLAGS and hasattr(args, k) and getattr(args, k) != v]
     if changed:

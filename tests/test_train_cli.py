@@ -116,7 +116,9 @@ def test_resume_continues_and_finished_run_exits_zero(tmp_path, binary_ds):
     assert r.returncode == 0 and "already finished" in r.stdout
     assert (log / "r" / "metrics.csv").read_text() == before
     r = train(binary_ds, log, "--exp-name", "r", "-e", "3", "--encoder", "resnet34")
-    assert_user_error(r, "--encoder resnet18", "--exp-name")
+    assert_user_error(r, "--encoder resnet18 and this command has --encoder resnet34", "--exp-name")
+    r = train(binary_ds, log, "--exp-name", "r", "-e", "3", "--add-dirs", "nir")
+    assert_user_error(r, "trained with no --add-dirs and this command has --add-dirs nir")
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):
