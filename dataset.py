@@ -89,6 +89,9 @@ def pair_files(split_dir: Path, add_dirs: list[str], masks: str = "required") ->
         raise UserError(f"{gt_dir} not found: put the masks in a 'gt' folder next to images/, same file names")
     folders = {"gt": gt_dir} if use_masks else {}
     for d in add_dirs:
+        if not (split_dir / d).is_dir() and "," in d:
+            raise UserError(f"--add-dirs {d}: no folder {split_dir / d}; separate the band folders with spaces, "
+                            f"e.g. --add-dirs \"{' '.join(filter(None, d.split(',')))}\"")
         if not (split_dir / d).is_dir():
             raise UserError(f"{split_dir / d} not found: the extra band folder '{d}' (--add-dirs) must sit next to "
                             "images/ in every split")
@@ -113,18 +116,17 @@ def _check_affix(partners: dict[str, Path], files: dict[str, Path], folder: Path
     lonely = sorted(set(files) - set(partners))
     if not lonely:
         return
-    first = lonely[0]
-    for stem, partner in partners.items():
-        if first == stem or stem not in first:
-            continue
-        before, after = first[:first.index(stem)], first[first.index(stem) + len(stem):]
-        if (before and after) or not all(s.startswith(before) and s.endswith(after)
-                                         and s[len(before):len(s) - len(after)] in partners for s in lonely):
-            continue
-        where = f"with '{after}' after it" if after else f"with '{before}' before it"
-        raise UserError(f"{folder}: its files are named like their partner in {partner.parent.name}/ {where} "
-                        f"({files[first].name} for {partner.name}), but files pair by identical names: rename "
-                        f"them, e.g. {files[first].name} -> {stem}{files[first].suffix}")
+    first, options = lonely[0], []  # (partner stem, text before it, text after it), longest stems first
+    for stem in sorted((s for s in partners if len(s) < len(first)), key=len, reverse=True):
+        options += [(stem, "", first[len(stem):])] if first.startswith(stem) else []
+        options += [(stem, first[:-len(stem)], "")] if first.endswith(stem) else []
+    for stem, before, after in options:
+        if all(s.startswith(before) and s.endswith(after) and s[len(before):len(s) - len(after)] in partners
+               for s in lonely):
+            where = f"with '{after}' after it" if after else f"with '{before}' before it"
+            raise UserError(f"{folder}: its files are named like their partner in {partners[stem].parent.name}/ "
+                            f"{where} ({files[first].name} for {partners[stem].name}), but files pair by identical "
+                            f"names: rename them, e.g. {files[first].name} -> {stem}{files[first].suffix}")
 
 
 def find_samples(split_dir: Path, add_dirs: list[str], masks: str = "required") -> list[Sample]:

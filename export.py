@@ -231,7 +231,11 @@ def main() -> None:
     import checkpoint
     from model import Segmenter, model_from_meta
 
-    ckpt_path = checkpoint.find(Path(args.model), "-m")
+    source = Path(args.model)
+    if (source if source.is_dir() else source.parent).joinpath(BUNDLE_META).is_file() and source.suffix != ".pth":
+        raise UserError(f"-m {source} is an exported bundle already; export from the checkpoint it was made from "
+                        "(best.pth or its experiment folder)")
+    ckpt_path = checkpoint.find(source, "-m")
     if not ckpt_path.is_file():
         raise UserError(f"-m {ckpt_path}: not found; give a best.pth or an experiment folder")
     target = bundle_target(Path(args.output_dir), args.overwrite)

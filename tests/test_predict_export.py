@@ -152,6 +152,8 @@ def test_half_and_int8_bundles_report_their_agreement(tmp_path, data, ckpt, prec
     assert f"check ({precision[2:]}" in r.stdout and "identical" in r.stdout and "Mpx/s" in r.stdout
     assert json.loads((tmp_path / "b" / "segkit.json").read_text())["precision"] == precision[2:]
     assert predict("-m", tmp_path / "b", "-i", data / "val" / "images", "-o", tmp_path / "out").returncode == 0
+    r = run_script("export.py", "-m", tmp_path / "b", "-o", tmp_path / "again")
+    assert_user_error(r, "is an exported bundle already", "best.pth")
 
 
 def test_export_refuses_a_folder_that_holds_other_files(tmp_path, ckpt):

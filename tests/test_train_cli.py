@@ -285,6 +285,7 @@ def test_masks_0_1_name_the_class_list(tmp_path):
     (["--class-list", "1 x"], ["--class-list"]),
     (["--class-weights", "1 2 3"], ["--class-weights", "0, 255"]),
     (["-m", "deeplabv3", "-b", "1"], ["-b 2"]),
+    (["--add-dirs", "nir,kv"], ['--add-dirs "nir kv"']),
 ])
 def test_bad_flags_get_one_clear_error(tmp_path, binary_ds, args, needles):
     assert_user_error(train(binary_ds, tmp_path / "logs", *args), *needles)
