@@ -41,7 +41,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--band", action="append", default=[], metavar="NAME=PATH",
                    help="where the model's extra band NAME is: a folder (files named like the images) or, for one "
                         "input image, a file (default: the folder NAME beside the images' folder)")
-    g.add_argument("--overwrite", action="store_true", help="replace masks already in --output-dir")
+    again = g.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="replace masks already in --output-dir")
+    again.add_argument("--skip-existing", action="store_true",
+                       help="predict only the inputs whose outputs are not all in --output-dir yet, e.g. to finish a "
+                            "stopped run (an input with some of its outputs is predicted again)")
     g = p.add_argument_group("prediction")
     add_prediction_flags(g, "the model's, at most 384 on the CPU", None,
                          "default: a quarter megapixel on the CPU, 16 on a GPU; images smaller than a tile go "
@@ -139,15 +143,24 @@ def plan_jobs(args: argparse.Namespace, band_names: list[str], out: Path) -> lis
                             "separate -o folders")
         seen[job.mask.name] = image
         jobs.append(job)
-    outputs = [p for j in jobs for p in (j.mask, j.prob if args.prob else None, j.overlay if args.overlay else None)
-               if p is not None]
+    outputs = [p for j in jobs for p in job_outputs(j, args)]
     existing = [p for p in outputs if p.exists()]
-    if existing and not args.overwrite:
+    if existing and not args.overwrite and not args.skip_existing:
         raise UserError(f"-o {out}: {len(existing)} output file(s) exist already, e.g. {existing[0].name}; add "
-                        "--overwrite to replace them or choose another folder")
+                        "--skip-existing to predict only the inputs without them (to finish a stopped run), "
+                        "--overwrite to replace them, or choose another folder")
     if any(p.resolve() in {j.image.resolve(), *map(Path.resolve, j.bands)} for j in jobs for p in outputs):
         raise UserError(f"-o {out}: the masks would replace input images; choose another folder")
+    if args.skip_existing:
+        todo = [j for j in jobs if not all(p.exists() for p in job_outputs(j, args))]
+        print(f"skipping {len(jobs) - len(todo)} of {len(jobs)} input(s): their outputs are in {out} already")
+        return todo
     return jobs
+
+
+def job_outputs(job: Job, args: argparse.Namespace) -> list[Path]:
+    """The files an input's prediction writes with these flags."""
+    return [job.mask, *([job.prob] if args.prob else []), *([job.overlay] if args.overlay else [])]
 
 
 # ----------------------------------------------------------------------------------------------------- scenes
@@ -363,7 +376,7 @@ def main() -> None:
     for n, m in tqdm(predict_jobs(predictor, jobs, args), total=len(jobs), desc="predicting", unit="image",
                      leave=False, dynamic_ncols=True):
         pixels, missing = pixels + n, missing + m
-    seconds = time.monotonic() - t0
+    seconds = max(time.monotonic() - t0, 1e-6)
     extra = f", {missing / max(pixels, 1):.1%} of pixels nodata" if missing else ""
     print(f"predicted {len(jobs)} image(s), {pixels / 1e6:.1f} Mpx in {seconds:.1f} s ({pixels / 1e6 / seconds:.2f} "
           f"Mpx/s){extra}; masks in {out}")

@@ -46,6 +46,26 @@ def test_folder_masks_named_like_images_in_label_values(tmp_path, data, ckpt):
         assert (tmp_path / "out" / f"{image.stem}_overlay.jpg").stat().st_size > 0
 
 
+def test_skip_existing_finishes_a_stopped_run(tmp_path, data, ckpt):
+    out, flags = tmp_path / "out", ["-m", ckpt, "-i", data / "val" / "images", "--prob", "uint8"]
+    assert predict(*flags, "-o", out).returncode == 0
+    (out / "v001.tif").unlink()  # a run stopped before v001, and before v002's probabilities
+    (out / "v002_prob.tif").unlink()
+    kept = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    assert_user_error(predict(*flags, "-o", out), "--skip-existing", "--overwrite")
+    r = predict(*flags, "-o", out, "--skip-existing")
+    assert r.returncode == 0, r.stderr
+    assert "skipping 2 of 4" in r.stdout and "predicted 2 image(s)" in r.stdout
+    again = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    assert {n: again[n] for n in ("v000.tif", "v000_prob.tif", "v003.tif", "v003_prob.tif")} == \
+        {n: kept[n] for n in ("v000.tif", "v000_prob.tif", "v003.tif", "v003_prob.tif")}  # untouched
+    assert {"v001.tif", "v001_prob.tif", "v002.tif", "v002_prob.tif"} <= set(again)
+    r = predict(*flags, "-o", out, "--skip-existing")
+    assert r.returncode == 0 and "skipping 4 of 4" in r.stdout and "predicted 0 image(s)" in r.stdout
+    r = predict(*flags, "-o", out, "--skip-existing", "--overwrite")
+    assert r.returncode == 2 and "not allowed with" in r.stderr
+
+
 def test_geotiff_scene_streams_tiles_keeps_georeference_and_nodata(tmp_path, ckpt):
     rng = np.random.default_rng(1)
     (tmp_path / "s" / "images").mkdir(parents=True)
