@@ -22,9 +22,13 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+_warned: set[str] = set()
+
+
 def warn(message: str) -> None:
-    """A legitimate but suspicious choice: one `warning:` line on stderr."""
-    if is_main_process():
+    """A legitimate but suspicious choice: one `warning:` line on stderr, once per process."""
+    if is_main_process() and message not in _warned:
+        _warned.add(message)
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 

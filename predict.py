@@ -24,11 +24,12 @@ from cli import Parser
 from errors import UserError, run_cli
 from fileio import TIFF_EXTENSIONS, is_image_file, output_folder, write_image
 from inference import Predictor, add_prediction_flags
-from raster import RasterReader, TiledTiffWriter, check_size, extratags, nodata_pixels
+from raster import RasterReader, TiledTiffWriter, check_size, extratags, nodata_pixels, tiff_header
 
 OVERLAY_SIDE = 2048  # overlays of larger images are shrunk to this side
 READ_CACHE_MB = 16  # decoded TIFF segments kept per raster; decoding again costs little beside the model
 CPU_TILE, CPU_PIXELS = 384, 2 ** 18  # CPU defaults: largest tile, pixels per forward pass (bench/RESULTS.md)
+SCENE_BYTES = 16 * 2 ** 20  # inputs from this file size on are checked before any prediction
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -169,15 +170,13 @@ class Scene:
 
     def __init__(self, job: Job, nodata: float | None):
         self.readers = [RasterReader(job.image, READ_CACHE_MB)] + [RasterReader(b, READ_CACHE_MB) for b in job.bands]
+        try:
+            self.channels, self.dtype = stack_layout(job, self.readers)
+        except UserError:
+            self.close()
+            raise
         first = self.readers[0]
-        for reader, name in zip(self.readers[1:], job.bands, strict=True):
-            check_size(reader, first, f"band {name.parent.name}")
-            if reader.bands != 1:
-                raise UserError(f"{reader.path}: an extra band must have one channel, this one has {reader.bands}")
         self.height, self.width, self.geo = first.height, first.width, first.geo
-        self.channels = sum(r.bands for r in self.readers)
-        dtypes = {np.dtype(r.dtype) for r in self.readers}
-        self.dtype = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
         tag = self.geo.get(42113, {}).get("value")
         self.nodata = nodata if nodata is not None else float(str(tag).strip("\x00 ")) if tag else None
 
@@ -189,6 +188,32 @@ class Scene:
     def close(self) -> None:
         for r in self.readers:
             r.close()
+
+
+def stack_layout(job: Job, parts: list) -> tuple[int, np.dtype]:
+    """Channels and pixel type of an input stacked with its extra bands (RasterReaders or TiffHeaders); bands that
+    do not fit the image raise."""
+    for part, name in zip(parts[1:], job.bands, strict=True):
+        check_size(part, parts[0], f"band {name.parent.name}")
+        if part.bands != 1:
+            raise UserError(f"{part.path}: an extra band must have one channel, this one has {part.bands}")
+    dtypes = {np.dtype(p.dtype) for p in parts}
+    return sum(p.bands for p in parts), dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
+
+
+def check_scenes(predictor: Predictor, jobs: list[Job]) -> None:
+    """Large TIFF inputs checked against the model from their tags before any prediction, so a mistake in the
+    last scene stops the run now, not hours in. Small images are checked as they come: there a mistake costs
+    little, and --skip-existing resumes after it."""
+    for job in jobs:
+        if job.image.stat().st_size < SCENE_BYTES:
+            continue
+        parts = [tiff_header(p) for p in (job.image, *job.bands)]
+        if None not in parts:
+            channels, dtype = stack_layout(job, parts)
+            problem = predictor.input_problem(str(job.image), channels, str(dtype))
+            if problem:
+                raise UserError(problem)
 
 
 def model_input(image: np.ndarray, nodata: float | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -370,6 +395,7 @@ def main() -> None:
     predictor = load_predictor(args)
     out = output_folder(Path(args.output_dir), "-o")
     jobs = plan_jobs(args, predictor.meta.add_dirs, out)
+    check_scenes(predictor, jobs)
     from tqdm import tqdm
 
     t0, pixels, missing = time.monotonic(), 0, 0

@@ -8,6 +8,7 @@ import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,14 +68,14 @@ class RasterReader:
         page = tif.pages[0]
         self.geo = {code: {"dtype": int(page.tags[code].dtype), "count": page.tags[code].count,
                            "value": _plain(page.tags[code].value)} for code in GEO_TAGS if code in page.tags}
-        separate, depth, height, width, contig = page.shaped
-        if len(tif.series) != 1 or len(tif.series[0].pages) != 1 or depth != 1:
+        layout = _plain_layout(tif)
+        if layout is None:
             tif.close()
             return  # stacks and pyramids: read_image handles or explains them
-        self.height, self.width, self.bands, self.dtype = height, width, separate * contig, page.dtype
+        self.height, self.width, self.bands, self.dtype = layout
         if page.is_memmappable:
             data = tif.asarray(out="memmap")
-            self._array = np.moveaxis(data, 0, -1) if separate > 1 else data
+            self._array = np.moveaxis(data, 0, -1) if page.shaped[0] > 1 else data
             tif.close()
             return
         self._tif, self._page = tif, page
@@ -118,6 +119,37 @@ class RasterReader:
     def close(self) -> None:
         if self._tif is not None:
             self._tif.close()
+
+
+def _plain_layout(tif: tifffile.TiffFile) -> tuple[int, int, int, np.dtype] | None:
+    """(height, width, bands, dtype) of a TIFF holding one plain image; None for stacks and pyramids."""
+    separate, depth, height, width, contig = tif.pages[0].shaped
+    if len(tif.series) != 1 or len(tif.series[0].pages) != 1 or depth != 1:
+        return None
+    return height, width, separate * contig, np.dtype(tif.pages[0].dtype)
+
+
+@dataclass
+class TiffHeader:
+    """What a plain TIFF's tags say, as a RasterReader would after opening it."""
+    path: Path
+    height: int
+    width: int
+    bands: int
+    dtype: np.dtype
+
+
+def tiff_header(path: Path) -> TiffHeader | None:
+    """A plain TIFF's size, bands and type from its tags alone, without reading pixels; None where only reading
+    tells (other formats, stacks, pyramids, files that do not open)."""
+    if Path(path).suffix.lower() not in TIFF_EXTENSIONS:
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            layout = _plain_layout(tif)
+    except (OSError, tifffile.TiffFileError, ValueError, IndexError):
+        return None
+    return TiffHeader(Path(path), *layout) if layout else None
 
 
 def _plain(value):

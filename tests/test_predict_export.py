@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -221,6 +222,15 @@ def test_bad_input_gets_one_clear_error_before_work(tmp_path, data, ckpt, how, n
     assert_user_error(r, *needles)
     if how == "outputs exist":
         assert (out / "v000.tif").read_text() == "mine"
+
+
+def test_a_large_scene_that_does_not_fit_stops_the_run_before_any_prediction(tmp_path, data, ckpt):
+    images = tmp_path / "in" / "images"
+    shutil.copytree(data / "val", tmp_path / "in")
+    write_image(images / "zz_scene.tif", np.zeros((2100, 2100, 2), np.uint16), compression=None)  # > 16 MB
+    write_image(tmp_path / "in" / "nir" / "zz_scene.tif", np.zeros((2100, 2100), np.uint16), compression=None)
+    assert_user_error(predict("-m", ckpt, "-i", images, "-o", tmp_path / "out"), "zz_scene.tif", "3 channel(s)")
+    assert not list((tmp_path / "out").iterdir())  # the small images before it were not predicted either
 
 
 def test_bundle_predicts_without_torch(tmp_path, data, ckpt):
