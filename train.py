@@ -190,7 +190,7 @@ def as_flag(key: str, value) -> str:
     flag = f"--{key.replace('_', '-')}"
     if value is True:
         return flag
-    return f"no {flag}" if value in (None, "", False) else f"{flag} {shlex.quote(str(value))}"
+    return f"no {flag}" if value is None or value is False or value == "" else f"{flag} {shlex.quote(str(value))}"
 
 
 def resume_args(args: argparse.Namespace, saved: dict, exp_dir: Path) -> argparse.Namespace:
