@@ -57,9 +57,12 @@ def _run(main: Callable[[], int | None]) -> None:
     except MemoryError:
         _fail("out of memory: use a smaller --batch-size or --image-size / --tile-size")
     except RuntimeError as e:  # torch.OutOfMemoryError, named so torch need not be imported here
-        if type(e).__name__ != "OutOfMemoryError":
+        if type(e).__name__ == "OutOfMemoryError":
+            _fail("out of GPU memory: use a smaller --batch-size or --image-size / --tile-size, or --amp bf16")
+        if "shared memory" not in str(e):  # a loader worker's batch did not fit in /dev/shm
             raise
-        _fail("out of GPU memory: use a smaller --batch-size or --image-size / --tile-size, or --amp bf16")
+        _fail("the shared memory loader workers hand batches over in (/dev/shm) ran out: pass -w 0 or a smaller "
+              "-w, or give the machine more shared memory (Docker: --shm-size=8g)")
     except KeyboardInterrupt:
         if is_main_process():
             print("interrupted", file=sys.stderr, flush=True)

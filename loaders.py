@@ -8,6 +8,7 @@ bytes of float32); the model normalises on the device.
 """
 import functools
 import itertools
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from dataset import Sample, SegmentationDataset, read_sample
-from errors import UserError
+from errors import UserError, warn
 from runtime import worker_init
 
 
@@ -79,7 +80,11 @@ class SizeGroupedBatchSampler(Sampler):
 SHARING = "file_system"
 
 
-def loader_options(workers: int, device: torch.device, niceness: int = 0) -> dict:
+PREFETCH = 4  # batches each worker prepares ahead
+SHM = "/dev/shm"  # where workers' batches wait for the main process (both sharing strategies)
+
+
+def loader_options(workers: int, device: torch.device, niceness: int = 0, prefetch: int = PREFETCH) -> dict:
     """Settings of every loader: worker processes that live as long as the loader and read ahead, one thread each,
     pinned memory for asynchronous copies to a GPU. With a GPU, workers run at lower priority (niceness): on a
     busy CPU the training process, which launches the GPU's work, and the pinning thread come first (measured in
@@ -89,7 +94,40 @@ def loader_options(workers: int, device: torch.device, niceness: int = 0) -> dic
         torch.multiprocessing.set_sharing_strategy(SHARING)
     return {"num_workers": workers, "pin_memory": cuda, "persistent_workers": workers > 0,
             "worker_init_fn": functools.partial(worker_init, niceness=niceness if cuda else 0),
-            "prefetch_factor": 4 if workers > 0 else None}
+            "prefetch_factor": prefetch if workers > 0 else None}
+
+
+def shared_memory_free() -> int | None:
+    """Bytes free in /dev/shm, or None where there is none (not Linux)."""
+    try:
+        stat = os.statvfs(SHM)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def largest_eval_batch(sizes: list[tuple[int, int]], batch_size: int, tile_size: int | None) -> int:
+    """Pixels of the largest batch an evaluation loader forms from images of these sizes."""
+    batches = SizeGroupedBatchSampler(sizes, batch_size, alone_above=tile_size).batches
+    return max((sum(sizes[i][0] * sizes[i][1] for i in batch) for batch in batches), default=0)
+
+
+def fit_shared_memory(workers: int, pixels: int, channels: int, dtype: str) -> tuple[int, int]:
+    """(workers, batches ahead per worker) whose batches in flight fit in half of the free /dev/shm, where workers
+    hand them over; pixels: those of one batch of every loader alive at once, of images with these channels and
+    type (handed over as uint8, or float32, with a uint8 mask). Containers often get 64 MB there (Docker's
+    default), which a GPU machine's workers overflow: the run would die in a worker, so it slows down and says how
+    to give it more."""
+    free = shared_memory_free()
+    batch_bytes = pixels * (channels * (1 if dtype == "uint8" else 4) + 1)
+    if workers == 0 or free is None or batch_bytes <= 0 or free // 2 >= workers * PREFETCH * batch_bytes:
+        return workers, PREFETCH
+    fit = min(workers, free // 2 // (2 * batch_bytes))
+    how = f"using {fit} worker(s), 2 batches ahead each" if fit else "loading in the main process (slower)"
+    warn(f"{SHM} has {free / 2 ** 20:.0f} MB free, too little for {workers} loader workers with batches of "
+         f"{batch_bytes / 2 ** 20:.1f} MB: {how}; for full speed give the machine more shared memory (Docker: "
+         "--shm-size=8g) or pass a smaller -w")
+    return fit, 2
 
 
 def epoch_stream(loader: DataLoader) -> Iterator[Iterator]:
@@ -100,12 +138,12 @@ def epoch_stream(loader: DataLoader) -> Iterator[Iterator]:
 
 
 def eval_loader(dataset: SegmentationDataset, sizes: list[tuple[int, int]], batch_size: int, tile_size: int | None,
-                workers: int, device: torch.device, rank: int = 0, world: int = 1, repeat: bool = False
-                ) -> DataLoader:
+                workers: int, device: torch.device, rank: int = 0, world: int = 1, repeat: bool = False,
+                prefetch: int = PREFETCH) -> DataLoader:
     """Batches of equal-size whole images, formed and stacked in the workers; images larger than the tile (None:
     no tiling, --resize models) alone."""
     sampler = SizeGroupedBatchSampler(sizes, batch_size, rank, world, repeat, alone_above=tile_size)
-    return DataLoader(dataset, batch_sampler=sampler, **loader_options(workers, device, niceness=5))
+    return DataLoader(dataset, batch_sampler=sampler, **loader_options(workers, device, 5, prefetch))
 
 
 # --------------------------------------------------------------------------------------------------- RAM cache
@@ -152,6 +190,11 @@ class RamCache:
         if free is not None and offset > 0.8 * free:
             raise UserError(f"--cache ram needs {offset / 2 ** 30:.1f} GB but {free / 2 ** 30:.1f} GB of memory are "
                             "available; train without --cache")
+        shm = shared_memory_free()
+        if shm is not None and offset > 0.8 * shm:
+            raise UserError(f"--cache ram needs {offset / 2 ** 30:.2f} GB of shared memory but {SHM} has "
+                            f"{shm / 2 ** 30:.2f} GB free; train without --cache, or give the machine more shared "
+                            "memory (Docker: --shm-size)")
         self.buffer = torch.empty(offset, dtype=torch.uint8).share_memory_()
         for _ in DataLoader(_Fill(self, samples, lut), batch_size=None, num_workers=workers):
             pass

@@ -342,7 +342,7 @@ def make_loaders(args: argparse.Namespace, splits: dict, data, meta, workers: in
 
     from augmentations import train_transform
     from dataset import SegmentationDataset
-    from loaders import EpochBatchSampler, RamCache, eval_loader, loader_options
+    from loaders import EpochBatchSampler, RamCache, eval_loader, fit_shared_memory, largest_eval_batch, loader_options
     from trainer import EvalSet
 
     labels, size = meta.labels, meta.image_size
@@ -350,17 +350,20 @@ def make_loaders(args: argparse.Namespace, splits: dict, data, meta, workers: in
               for name, samples in splits.items()} if args.cache == "ram" else {}
     if caches and procs.main:
         print(f"cache: {sum(c.nbytes for c in caches.values()) / 2 ** 20:.0f} MB of decoded images in shared memory")
+    tile = None if meta.resize else meta.val_tile_size
+    pixels = args.batch_size * size * size + sum(largest_eval_batch(data.sizes[name], args.batch_size, tile)
+                                                 for name in splits if name != "train")
+    workers, prefetch = fit_shared_memory(workers, pixels * procs.world, data.channels, data.dtype)
     pad = any(h < size or w < size for h, w in data.sizes["train"])
     transform = train_transform(args.aug, size, data.rgb8, meta.resize, pad)
     train_set = SegmentationDataset(splits["train"], labels, meta.stats, transform, caches.get("train"))
     sampler = EpochBatchSampler(len(train_set), args.batch_size, args.seed, rank=procs.rank, world=procs.world)
     if len(sampler) == 0:
         raise UserError(f"{len(train_set)} training image(s) cannot be shared by {procs.world} processes; use fewer")
-    train = DataLoader(train_set, batch_sampler=sampler, **loader_options(workers, procs.device, niceness=10))
-    tile = None if meta.resize else meta.val_tile_size
+    train = DataLoader(train_set, batch_sampler=sampler, **loader_options(workers, procs.device, 10, prefetch))
     evals = [EvalSet(name, eval_loader(SegmentationDataset(samples, labels, meta.stats, cache=caches.get(name)),
                                        data.sizes[name], args.batch_size, tile, workers, procs.device, procs.rank,
-                                       procs.world, repeat=True), len(samples))
+                                       procs.world, repeat=True, prefetch=prefetch), len(samples))
              for name, samples in splits.items() if name != "train"]
     return train, evals
 
@@ -431,7 +434,7 @@ def main(args: argparse.Namespace) -> int:
         if resumed:
             trainer.resume(resumed)
         if procs.main:
-            describe(args, splits, data, meta, model, weights, trainer.cfg, workers, resumed)
+            describe(args, splits, data, meta, model, weights, trainer.cfg, train_loader.num_workers, resumed)
         state = fit(trainer, meta)
         if procs.main:
             print(f"done: best val score {state.best_score:.4f} at epoch {state.best_epoch}; checkpoints in {exp_dir}")

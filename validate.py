@@ -345,7 +345,7 @@ def predict_all(predictor, loader, evaluation: Evaluation, total: int) -> None:
 def main(args: argparse.Namespace) -> int:
     from dataset import SegmentationDataset
     from inference import Predictor
-    from loaders import eval_loader
+    from loaders import eval_loader, fit_shared_memory, largest_eval_batch
     from runtime import configure, default_workers, select_device
 
     path = model_path(args)
@@ -365,8 +365,10 @@ def main(args: argparse.Namespace) -> int:
     out = prepare_output(args, path, data_dir)
     meta = predictor.meta
     dataset = SegmentationDataset(samples, meta.labels, meta.stats, thumbnails=args.plots and not args.com)
-    loader = eval_loader(dataset, sizes, args.batch_size, None if meta.resize else predictor.tile_size, workers,
-                         device)
+    tile = None if meta.resize else predictor.tile_size
+    workers, prefetch = fit_shared_memory(workers, largest_eval_batch(sizes, args.batch_size, tile),
+                                          meta.in_channels, meta.dtype)
+    loader = eval_loader(dataset, sizes, args.batch_size, tile, workers, device, prefetch=prefetch)
     evaluation = Evaluation(predictor, samples, args, None if args.com else out)
     t0 = time.monotonic()
     predict_all(predictor, loader, evaluation, len(samples))

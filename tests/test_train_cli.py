@@ -2,6 +2,7 @@
 import contextlib
 import csv
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -102,6 +103,24 @@ def test_grey_images_max_mask_val_and_ignore_label(tmp_path):
     meta = torch.load(tmp_path / "logs" / "g" / "last.pth", weights_only=True)["meta"]
     assert meta["in_channels"] == 1 and meta["labels"] == {"values": [1, 2], "ignore": 9, "strict": True,
                                                           "flag": "--max-mask-val 2"}
+
+
+def can_mount_tmpfs() -> bool:
+    """Root with unshare: a private, small /dev/shm can be mounted for one command."""
+    return shutil.which("unshare") is not None and os.geteuid() == 0 and subprocess.run(
+        ["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs root and unshare to give one run a small /dev/shm")
+def test_small_shared_memory_trains_with_fewer_workers(tmp_path, binary_ds):
+    """As in a Docker container (64 MB of /dev/shm by default), here 64 KB: workers' batches would not fit."""
+    cmd = [sys.executable, ROOT / "train.py", "-d", binary_ds, "-log", tmp_path / "logs", *FAST[:-1], "2"]
+    script = "mount -t tmpfs -o size=64k tmpfs /dev/shm && exec " + " ".join(map(shlex.quote, map(str, cmd)))
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "/dev/shm has 0 MB free" in r.stderr and "--shm-size" in r.stderr
+    assert "0 loader worker(s)" in r.stdout and "done:" in r.stdout
 
 
 def test_resume_continues_and_finished_run_exits_zero(tmp_path, binary_ds):

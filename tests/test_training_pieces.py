@@ -1,12 +1,15 @@
 """train.py's helpers: schedules, optimizers, the automatic crop size, extra val lists, loss weights, the worst val
 images' pictures."""
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, make_dataset, make_trainer
+from conftest import FAST, ROOT, make_dataset, make_trainer
 
+import loaders
 from dataset import Labels
 from errors import UserError
 from losses import loss_weights
@@ -120,3 +123,29 @@ def test_trainer_pictures_its_worst_val_images_without_a_second_pass(tmp_path):
     again = trainer.worst_predictions(result)
     for (i, iou, pred), (j, iou2, pred2) in zip(picked, again, strict=True):
         assert (i, iou) == (j, iou2) and pred.dtype == np.uint8 and np.array_equal(pred, pred2)
+
+
+def test_loader_workers_fit_the_free_shared_memory(monkeypatch, capsys):
+    """Workers hand batches over in /dev/shm (64 MB in a Docker container by default): those that would not fit
+    are not started, with a warning saying how to give more, instead of a crash in a worker."""
+    batch = 16 * 512 * 512  # pixels of one batch, RGB uint8: 16 MB with its mask
+    for free_mb, expected in ((8192, (15, 4)), (1024, (15, 2)), (256, (4, 2)), (32, (0, 2))):
+        monkeypatch.setattr(loaders, "shared_memory_free", lambda mb=free_mb: mb * 2 ** 20)
+        assert loaders.fit_shared_memory(15, batch, 3, "uint8") == expected
+        err = capsys.readouterr().err
+        assert (f"{free_mb} MB free" in err and "--shm-size" in err) == (expected != (15, 4)), err
+    assert loaders.fit_shared_memory(4, batch // 4, 4, "uint16") == (0, 2)  # 4 float32 bands: 4.25x the bytes
+    monkeypatch.setattr(loaders, "shared_memory_free", lambda: None)  # no /dev/shm: nothing to fit
+    assert loaders.fit_shared_memory(15, batch, 3, "uint8") == (15, 4)
+    sizes = [(512, 512)] * 5 + [(2000, 2000)]
+    assert loaders.largest_eval_batch(sizes, 4, 1024) == 2000 * 2000  # alone, being over the tile
+    assert loaders.largest_eval_batch(sizes[:5], 4, 1024) == 4 * 512 * 512
+
+
+def test_a_worker_out_of_shared_memory_is_one_error_line():
+    message = ("Caught RuntimeError in DataLoader worker process 0. ... RuntimeError: unable to allocate shared "
+               "memory(shm) for file </torch_1_2_3>: No space left on device (28)")
+    code = f"import errors; errors.run_cli(lambda: (_ for _ in ()).throw(RuntimeError({message!r})))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: the shared memory") and "-w 0" in r.stderr and "--shm-size" in r.stderr
