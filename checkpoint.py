@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dataset import ChannelStats, Labels
 from errors import UserError
-from fileio import atomic_output
+from fileio import as_disk_error, atomic_output
 
 FORMAT = "segkit-checkpoint"
 VERSION = 2
@@ -102,7 +102,10 @@ def save(path: Path, ckpt: Checkpoint) -> None:
     import torch
 
     with atomic_output(path) as tmp:
-        torch.save(ckpt.to_dict(), tmp)
+        try:
+            torch.save(ckpt.to_dict(), tmp)
+        except RuntimeError as e:  # torch's zip writer says a full disk as "unexpected pos"
+            raise as_disk_error(path, e) from None
 
 
 def find(path: Path, flag: str) -> Path:

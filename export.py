@@ -11,6 +11,7 @@ values, bands, normalisation, threshold, tile size, the training data's pixel ty
 (for CPUs). --check runs onnxruntime against PyTorch on real images and reports agreement and speed.
 """
 import argparse
+import errno
 import json
 import logging
 import time
@@ -21,7 +22,7 @@ import numpy as np
 
 from cli import Parser, at_least
 from errors import UserError, run_cli
-from fileio import is_image_file, publish_folder, scratch_folder
+from fileio import as_disk_error, is_image_file, publish_folder, scratch_folder
 from inference import BUNDLE_META, Predictor
 
 BUNDLE_FORMAT = "segkit-bundle"
@@ -78,6 +79,8 @@ def export_onnx(model, meta, path: Path, opset: int) -> int | None:
                 return size
             errors.append(f"{name}: onnxruntime's results differ from PyTorch's")
         except Exception as e:  # noqa: BLE001 -- the exporters raise many types; the message says which op failed
+            if isinstance(disk := as_disk_error(path, e), OSError) and disk.errno == errno.ENOSPC:
+                raise disk from None
             errors.append(f"{name}: {str(e).strip().splitlines()[0][:160]}")
     raise UserError(f"architecture {meta.arch} cannot be exported to ONNX ({'; '.join(errors)}); predict with the "
                     "checkpoint instead (predict.py -m best.pth)")

@@ -5,6 +5,7 @@ TIFFs go through tifffile (any band count, planar or interleaved, LZW/Deflate/ZS
 else through OpenCV's imdecode/imencode on bytes, so paths with non-ASCII characters work on every platform.
 """
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -82,6 +83,18 @@ def read_image(path: Path, palette_indices: bool = False) -> np.ndarray:
     elif data.ndim == 3 and data.shape[2] == 4:
         data = cv2.cvtColor(data, cv2.COLOR_BGRA2RGBA)
     return data
+
+
+def as_disk_error(path: Path, e: Exception) -> Exception:
+    """A failed write as the full disk it was (ENOSPC, said in one line by run_cli) where the writing library did
+    not say so (numpy's tofile, torch's zip writer, the ONNX exporters); any other error as it is."""
+    if getattr(e, "errno", None) == errno.ENOSPC and getattr(e, "filename", None):
+        return e
+    full = getattr(e, "errno", None) == errno.ENOSPC or any(
+        s in str(e) for s in ("No space left", "requested and", "unexpected pos"))
+    with contextlib.suppress(OSError):
+        full = full or shutil.disk_usage(Path(path).parent).free < 2 ** 20
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) if full else e
 
 
 def unreadable(path: Path, e: Exception) -> UserError:
@@ -197,4 +210,7 @@ def _encode(path: Path, target: Path, image: np.ndarray, compression: str | None
     if not ok:
         raise UserError(f"{path}: OpenCV cannot write {image.dtype} with {image.shape} as {path.suffix}; "
                         "use a .tif output")
-    buf.tofile(target)
+    try:
+        buf.tofile(target)
+    except OSError as e:
+        raise as_disk_error(path, e) from None

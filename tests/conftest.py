@@ -1,5 +1,6 @@
 """Shared helpers: tiny generated datasets and running the scripts through their command lines."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,12 @@ def run_script(script: str, *args, timeout: int = 600) -> subprocess.CompletedPr
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def can_mount_tmpfs() -> bool:
+    """Root with unshare: a private, small file system (/dev/shm, a log folder) can be mounted for one command."""
+    return shutil.which("unshare") is not None and os.geteuid() == 0 and subprocess.run(
+        ["unshare", "-m", "true"], capture_output=True).returncode == 0
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> str:

@@ -1,3 +1,5 @@
+import errno
+
 import numpy as np
 import pytest
 import tifffile
@@ -5,7 +7,7 @@ from conftest import make_dataset  # noqa: F401  (conftest puts the repo on sys.
 from PIL import Image
 
 from errors import UserError
-from fileio import atomic_output, read_image, write_image
+from fileio import as_disk_error, atomic_output, read_image, write_image
 
 
 @pytest.mark.parametrize("ext", [".png", ".tif", ".bmp"])
@@ -87,3 +89,15 @@ def test_atomic_output_keeps_old_file_on_failure(tmp_path):
         raise RuntimeError("killed")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_writes_failing_on_a_full_disk_say_so(tmp_path):
+    """Libraries that report a full disk without errno (numpy's tofile, torch's zip writer) get ENOSPC and the
+    file's name, which run_cli says in one line; other errors stay as they are."""
+    target = tmp_path / "mask.png"
+    for e in (OSError("134091 requested and 32768 written"), RuntimeError("unexpected pos 25903104 vs 25903000"),
+              OSError(errno.ENOSPC, "No space left on device")):
+        full = as_disk_error(target, e)
+        assert isinstance(full, OSError) and full.errno == errno.ENOSPC and full.filename == str(target)
+    other = ValueError("bad value")
+    assert as_disk_error(target, other) is other  # this disk has room

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, ROOT, assert_user_error, make_dataset, run_script
+from conftest import FAST, ROOT, assert_user_error, can_mount_tmpfs, make_dataset, run_script
 
 from fileio import read_image, write_image
 
@@ -105,12 +105,6 @@ def test_grey_images_max_mask_val_and_ignore_label(tmp_path):
                                                           "flag": "--max-mask-val 2"}
 
 
-def can_mount_tmpfs() -> bool:
-    """Root with unshare: a private, small /dev/shm can be mounted for one command."""
-    return shutil.which("unshare") is not None and os.geteuid() == 0 and subprocess.run(
-        ["unshare", "-m", "true"], capture_output=True).returncode == 0
-
-
 @pytest.mark.skipif(not can_mount_tmpfs(), reason="needs root and unshare to give one run a small /dev/shm")
 def test_small_shared_memory_trains_with_fewer_workers(tmp_path, binary_ds):
     """As in a Docker container (64 MB of /dev/shm by default), here 64 KB: workers' batches would not fit."""
@@ -121,6 +115,21 @@ def test_small_shared_memory_trains_with_fewer_workers(tmp_path, binary_ds):
     assert r.returncode == 0, r.stderr
     assert "/dev/shm has 0 MB free" in r.stderr and "--shm-size" in r.stderr
     assert "0 loader worker(s)" in r.stdout and "done:" in r.stdout
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs root and unshare to give one run a small file system")
+def test_a_full_disk_is_one_error_line_and_leaves_no_torn_checkpoint(tmp_path, binary_ds):
+    log = tmp_path / "logs"
+    log.mkdir()
+    cmd = [sys.executable, ROOT / "train.py", "-d", binary_ds, "-log", log, "--exp-name", "full", *FAST]
+    script = f"mount -t tmpfs -o size=20m tmpfs {log} && " + " ".join(map(shlex.quote, map(str, cmd))) + \
+        f"; echo rc=$?; ls -a {log / 'full'}"
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=600)
+    assert "Traceback" not in r.stderr and "rc=2" in r.stdout, r.stdout + r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")] == [
+        f"error: {log / 'full'}/best.pth: the disk is full: free space or write elsewhere"]
+    assert not any(name.endswith((".pth", ".tmp")) for name in r.stdout.split()), r.stdout
 
 
 def test_resume_continues_and_finished_run_exits_zero(tmp_path, binary_ds):
