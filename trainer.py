@@ -418,14 +418,21 @@ class Trainer:
         return out
 
     def open_tensorboard(self, first_epoch: int) -> None:
-        """The event writer; events of epochs from first_epoch on, left by an earlier run, are dropped."""
-        from torch.utils.tensorboard import SummaryWriter
-
+        """The event writer; events of epochs from first_epoch on, left by an earlier run, are dropped. Training
+        goes on without it where TensorBoard does not import (a version clash with protobuf, say)."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception as e:  # noqa: BLE001 -- broken installs raise ImportError, TypeError, AttributeError
+            warn(f"TensorBoard logging is off ({type(e).__name__}: {str(e).strip()[:100]}); metrics.csv still gets "
+                 "every epoch. To have it: pip install -U tensorboard")
+            return
         self.tensorboard = SummaryWriter(str(self.cfg.exp_dir), purge_step=first_epoch)
 
     def log_tensorboard(self, rows: list[dict], worst: list | None) -> None:
         """Scalars of each row's epoch; the worst val samples' picture at the last one."""
         w = self.tensorboard
+        if w is None:
+            return
         for row in rows:
             for key, value in row.items():
                 if key == "epoch" or value is None or (isinstance(value, float) and math.isnan(value)):

@@ -132,6 +132,20 @@ def test_a_full_disk_is_one_error_line_and_leaves_no_torn_checkpoint(tmp_path, b
     assert not any(name.endswith((".pth", ".tmp")) for name in r.stdout.split()), r.stdout
 
 
+def test_trains_on_when_tensorboard_does_not_import(tmp_path, binary_ds):
+    """As where protobuf and tensorboard versions clash (seen on Colab): a warning, and every other output."""
+    fake = tmp_path / "site" / "tensorboard"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise TypeError("Descriptors cannot be created directly")\n')
+    cmd = [sys.executable, ROOT / "train.py", "-d", binary_ds, "-log", tmp_path / "logs", "--exp-name", "t", *FAST]
+    r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(fake.parent)))
+    assert r.returncode == 0, r.stderr
+    assert "warning: TensorBoard logging is off (TypeError: Descriptors" in r.stderr
+    assert {"best.pth", "last.pth", "metrics.csv"} <= {p.name for p in (tmp_path / "logs" / "t").iterdir()}
+    assert len(rows(tmp_path / "logs" / "t")) == 1
+
+
 def test_resume_continues_and_finished_run_exits_zero(tmp_path, binary_ds):
     log = tmp_path / "logs"
     assert train(binary_ds, log, "--exp-name", "r").returncode == 0
