@@ -32,6 +32,18 @@ def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def require(script: str, modules: tuple[str, ...], fix: str = "pip install -r requirements.txt") -> None:
+    """One error line, before any work, where a package the script needs is missing or broken."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 -- broken installs raise more than ImportError
+            raise UserError(f"{script} needs {name}, which does not import ({type(e).__name__}: {str(e)[:100]}); "
+                            f"{fix}") from None
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run a script's main(); user errors print as `error: ...` and exit 2, Ctrl-C exits 130."""
     for name in ("stdout", "stderr"):  # started with it closed (`2>&-`): progress bars write to nothing, not fail

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cli import Parser, at_least
-from errors import UserError, run_cli
+from errors import UserError, require, run_cli
 from fileio import as_disk_error, is_image_file, publish_folder, scratch_folder
 from inference import BUNDLE_META, Predictor
 
@@ -231,6 +231,7 @@ def compare(model, meta, bundle: Path, images: list[np.ndarray], precision: str)
 
 def main() -> None:
     args = get_args_parser().parse_args()
+    require("export.py", ("onnx", "onnxruntime"))
     import checkpoint
     from model import Segmenter, model_from_meta
 

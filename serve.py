@@ -34,7 +34,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from cli import Parser, at_least
-from errors import UserError, run_cli
+from errors import UserError, require, run_cli
 from inference import add_prediction_flags
 
 PAGE = Path(__file__).resolve().parent / "serve.html"
@@ -312,6 +312,8 @@ async def read_form(request, limit: int, max_upload_mb: int) -> tuple[dict[str, 
 
 
 def main(args: argparse.Namespace) -> int:
+    require("serve.py", ("fastapi", "uvicorn"), "pip install -r requirements.txt, or requirements-infer.txt to serve "
+            "a bundle without torch")
     check_port(args.host, args.port)
     model = Model(args)
     app = build_app(model, args.max_upload_mb, args.queue)

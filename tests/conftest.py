@@ -95,11 +95,18 @@ def make_checkpoint(path: Path, arch="unet", encoder="resnet18", values=(255,), 
     return path
 
 
-def run_script(script: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run one of the kit's scripts as a user would, with this interpreter, offline."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+def run_script(script: str, *args, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run one of the kit's scripts as a user would, with this interpreter, offline (env: more variables)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def broken_package(folder: Path, name: str, error: str = "ImportError") -> dict:
+    """The environment under which package `name` fails to import, as a broken install does."""
+    (folder / name).mkdir(parents=True)
+    (folder / name / "__init__.py").write_text(f"raise {error}('broken {name} (planted by a test)')\n")
+    return {"PYTHONPATH": str(folder)}
 
 
 def can_mount_tmpfs() -> bool:

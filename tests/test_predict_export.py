@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import GEO, ROOT, assert_user_error, make_checkpoint, make_dataset, run_script
+from conftest import GEO, ROOT, assert_user_error, broken_package, make_checkpoint, make_dataset, run_script
 
 from fileio import read_image, write_image
 from inference import Predictor
@@ -175,6 +175,8 @@ def test_half_and_int8_bundles_report_their_agreement(tmp_path, data, ckpt, prec
     assert predict("-m", tmp_path / "b", "-i", data / "val" / "images", "-o", tmp_path / "out").returncode == 0
     r = run_script("export.py", "-m", tmp_path / "b", "-o", tmp_path / "again")
     assert_user_error(r, "is an exported bundle already", "best.pth")
+    r = run_script("export.py", "-m", ckpt, "-o", tmp_path / "again", env=broken_package(tmp_path / "site", "onnx"))
+    assert_user_error(r, "export.py needs onnx,", "pip install")
 
 
 def test_export_refuses_a_folder_that_holds_other_files(tmp_path, ckpt):

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import tifffile
-from conftest import GEO, ROOT, assert_user_error, make_checkpoint, make_dataset, run_script
+from conftest import GEO, ROOT, assert_user_error, broken_package, make_checkpoint, make_dataset, run_script
 
 from fileio import read_image
 from inference import Predictor
@@ -173,6 +173,8 @@ def test_start_up_mistakes_are_one_line(tmp_path, ckpt):
         s.listen()
         assert_user_error(run_script("serve.py", "-m", ckpt, "--port", s.getsockname()[1]), "--port")
     assert_user_error(run_script("serve.py", "-m", ckpt, "--port", "70000"), "65535")
+    r = run_script("serve.py", "-m", ckpt, env=broken_package(tmp_path / "site", "fastapi"))
+    assert_user_error(r, "serve.py needs fastapi", "requirements")
 
 
 def chromium() -> str | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, ROOT, assert_user_error, can_mount_tmpfs, make_dataset, run_script
+from conftest import FAST, ROOT, assert_user_error, broken_package, can_mount_tmpfs, make_dataset, run_script
 
 from fileio import read_image, write_image
 
@@ -134,14 +134,10 @@ def test_a_full_disk_is_one_error_line_and_leaves_no_torn_checkpoint(tmp_path, b
 
 def test_trains_on_when_tensorboard_does_not_import(tmp_path, binary_ds):
     """As where protobuf and tensorboard versions clash (seen on Colab): a warning, and every other output."""
-    fake = tmp_path / "site" / "tensorboard"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text('raise TypeError("Descriptors cannot be created directly")\n')
-    cmd = [sys.executable, ROOT / "train.py", "-d", binary_ds, "-log", tmp_path / "logs", "--exp-name", "t", *FAST]
-    r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(fake.parent)))
+    r = run_script("train.py", "-d", binary_ds, "-log", tmp_path / "logs", "--exp-name", "t", *FAST,
+                   env=broken_package(tmp_path / "site", "tensorboard", "TypeError"))
     assert r.returncode == 0, r.stderr
-    assert "warning: TensorBoard logging is off (TypeError: Descriptors" in r.stderr
+    assert "warning: TensorBoard logging is off (TypeError: broken tensorboard" in r.stderr
     assert {"best.pth", "last.pth", "metrics.csv"} <= {p.name for p in (tmp_path / "logs" / "t").iterdir()}
     assert len(rows(tmp_path / "logs" / "t")) == 1
 
