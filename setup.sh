@@ -5,8 +5,16 @@
 set -euo pipefail
 req=${1:-requirements.txt}
 PY=${PYTHON:-python3}
-if [ "${VENV:-.venv}" != none ]; then
-  venv=${VENV:-.venv}
+venv=${VENV:-.venv}
+# The Python that runs segkit (the one that makes the venv, or the current one with VENV=none) must be 3.10+.
+if { [ "$venv" = none ] || [ ! -x "$venv/bin/python" ]; } \
+    && ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+  have=$("$PY" -c 'import sys; print("Python " + sys.version.split()[0])' 2>/dev/null || echo "not found")
+  echo "error: segkit needs Python 3.10 or newer ($PY: $have); install one and name it, e.g." \
+       "PYTHON=python3.11 bash train.sh" >&2
+  exit 2
+fi
+if [ "$venv" != none ]; then
   if [ ! -x "$venv/bin/python" ]; then
     echo "setting up $venv (first run only: PyTorch is a large download, a few minutes) ..."
     "$PY" -m venv "$venv"

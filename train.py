@@ -12,7 +12,7 @@ import argparse
 import os
 import shlex
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from augmentations import PRESETS
@@ -325,7 +325,7 @@ def make_model(args: argparse.Namespace, data, labels, resumed, procs):
                          weights=weights, train_args=vars(args),
                          versions={"segkit": SEGKIT_VERSION, "torch": str(torch.__version__),
                                    "segmentation_models_pytorch": str(smp.__version__)},
-                         created=datetime.now(UTC).isoformat(timespec="seconds"))
+                         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     if args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory = torch.channels_last if channels_last(procs.device) else torch.contiguous_format

@@ -142,6 +142,17 @@ def test_trains_on_when_tensorboard_does_not_import(tmp_path, binary_ds):
     assert len(rows(tmp_path / "logs" / "t")) == 1
 
 
+def test_train_sh_with_a_python_too_old_says_so_before_making_a_venv(tmp_path):
+    old = tmp_path / "python3"  # answers like Python 3.9: version_info < (3, 10) holds
+    old.write_text('#!/bin/sh\ncase "$2" in *version_info*) exit 1;; *) echo "Python 3.9.18";; esac\n')
+    old.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(old), VENV=str(tmp_path / "venv"))
+    r = subprocess.run(["bash", "train.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert r.stderr.startswith("error: segkit needs Python 3.10 or newer") and "Python 3.9.18" in r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "venv").exists()
+
+
 def test_resume_continues_and_finished_run_exits_zero(tmp_path, binary_ds):
     log = tmp_path / "logs"
     assert train(binary_ds, log, "--exp-name", "r").returncode == 0
