@@ -69,6 +69,9 @@ class TorchRunner:
         import torch
         import torch.nn.functional as F
 
+        from runtime import cap_threads
+
+        cap_threads()
         self.torch, self.F = torch, F
         self.model, self.device, self.amp = model, torch.device(device), amp
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -134,8 +137,11 @@ class OnnxRunner:
             import onnxruntime as ort
         except ImportError:
             raise UserError("onnxruntime is not installed: pip install -r requirements-infer.txt") from None
+        from runtime import quota_threads
+
         options = ort.SessionOptions()
         options.log_severity_level = 3  # its warnings about unused initialisers are not the user's concern
+        options.intra_op_num_threads = quota_threads() or 0  # 0: one per core, its default
         providers = providers or ort.get_available_providers()
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)

@@ -6,6 +6,7 @@ without loading torch.
 import contextlib
 import gc
 import importlib
+import math
 import os
 import sys
 import types
@@ -125,10 +126,66 @@ def channels_last(device) -> bool:
 
 
 def cpu_count() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup CPU quota (docker --cpus, Kubernetes limits),
+    which neither Python nor PyTorch reads: threads beyond the quota are throttled, not run."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(n, math.ceil(quota))) if quota else n
+
+
+def quota_threads() -> int | None:
+    """The thread count for compute libraries where a CPU quota, not the visible cores, limits this process, else
+    None. torch, OpenCV and onnxruntime start a thread per visible core, and threads beyond a quota are throttled:
+    2 threads under a 1-CPU quota trained 4x slower than 1 here (bench/RESULTS.md)."""
+    quota = cgroup_cpu_quota()
+    n = cpu_count()
+    return n if quota and n < (os.cpu_count() or 1) else None
+
+
+def cap_threads() -> None:
+    """torch's and OpenCV's threads within the CPU quota (a no-op without one)."""
+    n = quota_threads()
+    if n is not None:
+        import cv2
+        import torch
+
+        torch.set_num_threads(min(n, torch.get_num_threads()))
+        cv2.setNumThreads(n)
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup") -> float | None:
+    """CPUs allowed by the tightest CPU quota on this process's cgroup path (v2 cpu.max, v1 cpu.cfs_quota_us), or
+    None where there is none."""
+    try:
+        with open(membership) as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    quotas = []
+    for _, controllers, path in (parts for parts in lines if len(parts) == 3):
+        v2 = controllers == ""
+        if not v2 and "cpu" not in controllers.split(","):
+            continue
+        folder = os.path.join(root, "" if v2 else controllers, path.lstrip("/"))
+        while folder.startswith(root):  # the process's cgroup and its ancestors (the root one, in a container)
+            with contextlib.suppress(OSError, ValueError):
+                quotas.append(_read_quota(folder, v2))
+            folder = os.path.dirname(folder)
+    quotas = [q for q in quotas if q]
+    return min(quotas) if quotas else None
+
+
+def _read_quota(folder: str, v2: bool) -> float | None:
+    if v2:
+        with open(os.path.join(folder, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    with open(os.path.join(folder, "cpu.cfs_quota_us")) as f, open(os.path.join(folder, "cpu.cfs_period_us")) as g:
+        quota, period = int(f.read()), int(g.read())
+    return None if quota <= 0 else quota / period
 
 
 def default_workers(device, world_size: int = 1) -> int:
@@ -144,6 +201,7 @@ def configure(device, deterministic: bool = False) -> None:
     """Fast kernels by default (cuDNN autotuning, TF32 matmuls); --deterministic trades them for repeatability."""
     import torch
 
+    cap_threads()
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
         torch.use_deterministic_algorithms(True, warn_only=True)

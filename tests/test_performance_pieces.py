@@ -164,3 +164,25 @@ helper = sys.modules["torchvision.ops.roi_align"].is_compile_supported
 print(helper is not utils.is_compile_supported and helper("cpu") == utils.is_compile_supported("cpu"))
 """)
     assert out.split() == ["False", "module", "True", "torch.compiler", "True"]
+
+
+def test_cpu_quota_of_a_container_or_cgroup(tmp_path):
+    """docker --cpus and Kubernetes limits set a cgroup quota that neither os.cpu_count nor torch reads."""
+    from runtime import cgroup_cpu_quota
+
+    def tree(membership: str, files: dict) -> float | None:
+        root = tmp_path / f"t{len(list(tmp_path.iterdir()))}"
+        root.mkdir()
+        for rel, text in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
+        (root / "cgroup").write_text(membership)
+        return cgroup_cpu_quota(str(root / "fs"), str(root / "cgroup"))
+
+    assert tree("0::/\n", {"fs/cpu.max": "150000 100000\n"}) == 1.5  # v2, inside the container
+    assert tree("0::/kube/pod\n", {"fs/kube/pod/cpu.max": "max 100000\n", "fs/kube/cpu.max": "400000 100000\n"}) == 4
+    assert tree("4:cpu,cpuacct:/docker/abc\n2:memory:/docker/abc\n",  # v1: the container's own files at the top
+                {"fs/cpu,cpuacct/cpu.cfs_quota_us": "50000\n", "fs/cpu,cpuacct/cpu.cfs_period_us": "100000\n"}) == 0.5
+    assert tree("4:cpu,cpuacct:/\n", {"fs/cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+                                       "fs/cpu,cpuacct/cpu.cfs_period_us": "100000\n"}) is None
+    assert tree("0::/\n", {}) is None  # no cgroup files at all: macOS-like
