@@ -71,7 +71,7 @@ def _run(main: Callable[[], int | None]) -> None:
     except RuntimeError as e:  # torch.OutOfMemoryError, named so torch need not be imported here
         if type(e).__name__ == "OutOfMemoryError":
             _fail("out of GPU memory: use a smaller --batch-size or --image-size / --tile-size, or --amp bf16")
-        if "shared memory" not in str(e):  # a loader worker's batch did not fit in /dev/shm
+        if not shm_full(str(e)):
             raise
         _fail("the shared memory loader workers hand batches over in (/dev/shm) ran out: pass -w 0 or a smaller "
               "-w, or give the machine more shared memory (Docker: --shm-size=8g)")
@@ -80,6 +80,12 @@ def _run(main: Callable[[], int | None]) -> None:
             print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def shm_full(message: str) -> bool:
+    """torch's ways of saying that a loader worker's batch did not fit in /dev/shm."""
+    return "(shm)" in message or "out of shared memory" in message or (
+        "</torch_" in message and "No space left" in message)
 
 
 # torchrun ends every process a tenth of a second after the first one fails (its --monitor-interval).

@@ -139,7 +139,7 @@ def cpu_count() -> int:
 def quota_threads() -> int | None:
     """The thread count for compute libraries where a CPU quota, not the visible cores, limits this process, else
     None. torch, OpenCV and onnxruntime start a thread per visible core, and threads beyond a quota are throttled:
-    2 threads under a 1-CPU quota trained 4x slower than 1 here (bench/RESULTS.md)."""
+    under a 1-CPU quota a training step took 1.6x as long with 8 threads as with 1 (bench/RESULTS.md)."""
     quota = cgroup_cpu_quota()
     n = cpu_count()
     return n if quota and n < (os.cpu_count() or 1) else None

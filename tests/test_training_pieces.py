@@ -149,3 +149,9 @@ def test_a_worker_out_of_shared_memory_is_one_error_line():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("error: the shared memory") and "-w 0" in r.stderr and "--shm-size" in r.stderr
+    from errors import shm_full
+
+    assert shm_full("DataLoader worker (pid 5) is killed by signal: Bus error. It is possible that dataloader's "
+                    "workers are out of shared memory.")  # file_descriptor sharing
+    assert shm_full("unable to write to file </torch_12_3>: No space left on device (28)")
+    assert not shm_full("out of resource: shared memory, Required: 98304, Hardware limit: 65536")  # a GPU kernel's
