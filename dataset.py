@@ -13,7 +13,7 @@ import random
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -417,8 +417,8 @@ def label_problems(infos: list[SampleInfo], labels: Labels, split: str, other_fi
         problems.append(f"{split} masks hold label values {_more(unlisted)} not covered by {labels.flag}{hint}, in "
                         f"{len(odd)} file(s): {where}. If they are classes, pass --class-list \"{suggestion}\"; "
                         f"to leave them out of training pass --ignore-label VALUE; or fix those masks{other_fix}")
-    no_class = infos and not any(v in found for v in labels.values)
-    if no_class and (split == "train" or (unlisted and not labels.strict)):
+    no_class = infos and not any(v in found for v in labels.values) and not (unlisted and labels.strict)
+    if no_class and (split == "train" or (unlisted and not labels.strict)):  # (said above with strict labels)
         values, others = " ".join(map(str, labels.values)), [v for v in found if v not in (0, labels.ignore)]
         if not others:
             problems.append(f"every {split} mask is all background (values found: {_more(found)}): none marks the "
@@ -501,8 +501,15 @@ def check_splits(splits: dict[str, list[Sample]], labels: Labels, workers: int) 
     t0 = time.monotonic()
     infos = {name: scan_samples(samples, with_stats=name == "train", workers=workers, desc=f"checking {name}")
              for name, samples in splits.items()}
-    problems = [p for name, split_infos in infos.items() for p in dataset_problems(split_infos, labels, name)]
     train_ok = [i for i in infos["train"] if not i.error]
+    # Where train's masks hold values the default --class-list lacks, its message suggests the train masks' values:
+    # the other splits are checked against that suggestion, so a wrong --class-list is said once.
+    found = sorted({v for i in train_ok for v in i.mask_values} - {0, labels.ignore})
+    suggested = " ".join(map(str, found))
+    others = replace(labels, values=found, flag=f"--class-list {suggested}") \
+        if labels.strict and set(found) - labels.known() else labels
+    problems = [p for name, split_infos in infos.items()
+                for p in dataset_problems(split_infos, labels if name == "train" else others, name)]
     layout = Counter((i.channels, i.dtype) for i in train_ok).most_common(1)[0][0] if train_ok else None
     for name, split_infos in infos.items():
         odd = [i.image for i in split_infos if not i.error and (i.channels, i.dtype) != layout]

@@ -322,6 +322,10 @@ def test_bad_data_gets_one_clear_error(tmp_path, how, needles):
 def test_masks_0_1_name_the_class_list(tmp_path):
     ds = make_dataset(tmp_path / "ds", values=(1,))
     assert_user_error(train(ds, tmp_path / "logs"), '--class-list "1"')
+    multi = make_dataset(tmp_path / "multi", values=(1, 2, 5))  # the same values in val: said once, for train
+    out = assert_user_error(train(multi, tmp_path / "logs"), 'train masks hold label values 1, 2, 5',
+                            '--class-list "1 2 5"')
+    assert "val masks" not in out and out.split("error: ", 1)[1].count("\n") == 1, out  # one line
 
 
 @pytest.mark.parametrize("args,needles", [
