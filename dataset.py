@@ -417,8 +417,10 @@ def label_problems(infos: list[SampleInfo], labels: Labels, split: str, other_fi
         problems.append(f"{split} masks hold label values {_more(unlisted)} not covered by {labels.flag}{hint}, in "
                         f"{len(odd)} file(s): {where}. If they are classes, pass --class-list \"{suggestion}\"; "
                         f"to leave them out of training pass --ignore-label VALUE; or fix those masks{other_fix}")
-    no_class = infos and not any(v in found for v in labels.values) and not (unlisted and labels.strict)
-    if no_class and (split == "train" or (unlisted and not labels.strict)):  # (said above with strict labels)
+    no_class = infos and not any(v in found for v in labels.values)
+    if split == "train" and unlisted and labels.strict:
+        no_class = False  # the message above gives the --class-list to pass
+    if no_class and (split == "train" or (unlisted and not labels.strict)):
         values, others = " ".join(map(str, labels.values)), [v for v in found if v not in (0, labels.ignore)]
         if not others:
             problems.append(f"every {split} mask is all background (values found: {_more(found)}): none marks the "
