@@ -223,6 +223,10 @@ class Labels:
         """Class names by label value: background is 0 unless 0 is itself a listed class."""
         return ["bg" if 0 in self.values else "0", *map(str, self.values)]
 
+    def suggested(self, found) -> list[int]:
+        """The values a --class-list would list for masks holding `found`: all but background and the ignored."""
+        return sorted(v for v in found if v != 0 and v != self.ignore)
+
     def known(self) -> set[int]:
         return {0, *self.values} | ({self.ignore} if self.ignore is not None else set())
 
@@ -407,7 +411,7 @@ def label_problems(infos: list[SampleInfo], labels: Labels, split: str, other_fi
         odd = {mask: values for mask, values in odd.items() if mask not in jpeg}
     unlisted = sorted({v for values in odd.values() for v in values})
     if unlisted and labels.strict:
-        suggestion = " ".join(str(v) for v in found if v != 0 and v != labels.ignore)
+        suggestion = " ".join(map(str, labels.suggested(found)))
         hint = (" (many in-between values: JPEG or anti-aliased masks? save masks as PNG with exact values)"
                 if len(unlisted) > 10 else "")
         where = _more([f"{mask} ({_more(values, 4)})" for mask, values in odd.items()], 4)
@@ -421,7 +425,7 @@ def label_problems(infos: list[SampleInfo], labels: Labels, split: str, other_fi
     if split == "train" and unlisted and labels.strict:
         no_class = False  # the message above gives the --class-list to pass
     if no_class and (split == "train" or (unlisted and not labels.strict)):
-        values, others = " ".join(map(str, labels.values)), [v for v in found if v not in (0, labels.ignore)]
+        values, others = " ".join(map(str, labels.values)), labels.suggested(found)
         if not others:
             problems.append(f"every {split} mask is all background (values found: {_more(found)}): none marks the "
                             f"class value(s) {values}; check that {split}/gt holds the real masks, not blank ones")
@@ -506,9 +510,8 @@ def check_splits(splits: dict[str, list[Sample]], labels: Labels, workers: int) 
     train_ok = [i for i in infos["train"] if not i.error]
     # Where train's masks hold values the default --class-list lacks, its message suggests the train masks' values:
     # the other splits are checked against that suggestion, so a wrong --class-list is said once.
-    found = sorted({v for i in train_ok for v in i.mask_values} - {0, labels.ignore})
-    suggested = " ".join(map(str, found))
-    others = replace(labels, values=found, flag=f"--class-list {suggested}") \
+    found = labels.suggested({v for i in train_ok for v in i.mask_values})
+    others = replace(labels, values=found, flag=f"--class-list {' '.join(map(str, found))}") \
         if labels.strict and set(found) - labels.known() else labels
     problems = [p for name, split_infos in infos.items()
                 for p in dataset_problems(split_infos, labels if name == "train" else others, name)]

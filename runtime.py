@@ -128,12 +128,14 @@ def channels_last(device) -> bool:
 def cpu_count() -> int:
     """CPUs this process may use: its affinity, capped by a cgroup CPU quota (docker --cpus, Kubernetes limits),
     which neither Python nor PyTorch reads: threads beyond the quota are throttled, not run."""
+    return quota_threads() or _affinity()
+
+
+def _affinity() -> int:
     try:
-        n = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        n = os.cpu_count() or 1
-    quota = cgroup_cpu_quota()
-    return max(1, min(n, math.ceil(quota))) if quota else n
+        return os.cpu_count() or 1
 
 
 def quota_threads() -> int | None:
@@ -141,8 +143,10 @@ def quota_threads() -> int | None:
     None. torch, OpenCV and onnxruntime start a thread per visible core, and threads beyond a quota are throttled:
     under a 1-CPU quota a training step took 1.6x as long with 8 threads as with 1 (bench/RESULTS.md)."""
     quota = cgroup_cpu_quota()
-    n = cpu_count()
-    return n if quota and n < (os.cpu_count() or 1) else None
+    if not quota:
+        return None
+    n = max(1, min(_affinity(), math.ceil(quota)))
+    return n if n < (os.cpu_count() or 1) else None
 
 
 def cap_threads() -> None:
