@@ -117,6 +117,26 @@ def test_small_shared_memory_trains_with_fewer_workers(tmp_path, binary_ds):
     assert "0 loader worker(s)" in r.stdout and "done:" in r.stdout
 
 
+def test_workers_started_by_spawn_train_and_validate(tmp_path):
+    """macOS and Windows start loader workers with spawn (Linux from Python 3.14 with forkserver): all a worker gets
+    must pickle and the scripts must import cleanly as __mp_main__. Bands and the RAM cache ride along."""
+    ds = make_dataset(tmp_path / "ds", bands=("nir",))
+    start = "import multiprocessing, runpy, sys; multiprocessing.set_start_method('spawn'); sys.argv = sys.argv[1:]; " \
+            "runpy.run_path(sys.argv[0], run_name='__main__')"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = {}
+    for script, *args in (("train.py", "-d", ds, "--add-dirs", "nir", "-log", tmp_path / "logs", "--exp-name", "s",
+                           "--cache", "ram", *FAST[:-1], "2"),
+                          ("validate.py", "-d", ds / "val", "-m", tmp_path / "logs" / "s", "-o", tmp_path / "check", "--binary",
+                           "--cpu", "-w", "2")):
+        r = subprocess.run([sys.executable, "-c", start, script, *map(str, args)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+        out[script] = r.stdout
+    assert "2 loader worker(s)" in out["train.py"] and "done:" in out["train.py"]
+    assert "mIoU:" in out["validate.py"]
+
+
 @pytest.mark.skipif(not can_mount_tmpfs(), reason="needs root and unshare to give one run a small file system")
 def test_a_full_disk_is_one_error_line_and_leaves_no_torn_checkpoint(tmp_path, binary_ds):
     log = tmp_path / "logs"
