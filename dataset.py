@@ -32,6 +32,13 @@ def _more(items: list, n: int = MAX_LISTED) -> str:
     return shown + (f" ... and {len(items) - n} more" if len(items) > n else "")
 
 
+def problem_list(head: str, problems: list[str], shown: int = 20) -> UserError:
+    """One error for several problems: the head, then one line each, up to `shown` of them (a folder of a thousand
+    bad files shows the pattern, not a thousand lines)."""
+    rest = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
+    return UserError(head + "\n  " + "\n  ".join(problems[:shown]) + rest)
+
+
 # --------------------------------------------------------------------------------------------- finding files
 @dataclass
 class Sample:
@@ -133,9 +140,8 @@ def find_samples(split_dir: Path, add_dirs: list[str], masks: str = "required") 
     """The paired samples of a split folder; any file without its partner is an error listing them all."""
     samples, problems = pair_files(split_dir, add_dirs, masks)
     if problems:
-        raise UserError(f"{len(problems)} unpaired file(s) in {split_dir}; add the missing partner or remove the "
-                        "file:\n  " + "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more"
-                                                                     if len(problems) > 20 else ""))
+        raise problem_list(f"{len(problems)} unpaired file(s) in {split_dir}; add the missing partner or remove "
+                           "the file:", problems)
     return samples
 
 
@@ -275,10 +281,20 @@ def mask_to_2d(mask: np.ndarray, path: Path) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------- reading samples
 def read_sample(sample: Sample, lut: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The image with its bands stacked as (H, W, C) and the mask as (H, W) uint8 class indices (None if no gt).
+    """The image with its bands stacked as (H, W, C) and the mask as (H, W) uint8 class indices (None if no gt)."""
+    parts, mask = read_parts(sample)
+    return stack_parts(parts), (lut[mask] if lut is not None and mask is not None else mask)
 
-    Channels keep their dtype when all parts share it; otherwise they are stacked as float32.
-    """
+
+def stack_parts(parts: list[np.ndarray]) -> np.ndarray:
+    """(H, W, C) parts as one array: their dtype where all share it, else float32."""
+    if len({p.dtype for p in parts}) > 1:
+        parts = [p.astype(np.float32) for p in parts]
+    return np.concatenate(parts, axis=2) if len(parts) > 1 else parts[0]
+
+
+def read_parts(sample: Sample) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """The image and each band as (H, W, C) arrays of the same size, and the mask's label values (None if no gt)."""
     image = read_image(sample.image)
     parts = [image if image.ndim == 3 else image[..., None]]
     for band_path in sample.bands:
@@ -292,16 +308,13 @@ def read_sample(sample: Sample, lut: np.ndarray | None) -> tuple[np.ndarray, np.
             raise UserError(f"{band_path}: band is {_hw(band.shape)} but its image {sample.image} is "
                             f"{_hw(image.shape)}; all files of a sample must have the same size")
         parts.append(band[..., None])
-    if len({p.dtype for p in parts}) > 1:
-        parts = [p.astype(np.float32) for p in parts]
-    stacked = np.concatenate(parts, axis=2) if len(parts) > 1 else parts[0]
     if sample.mask is None:
-        return stacked, None
+        return parts, None
     mask = mask_to_2d(read_image(sample.mask, palette_indices=True), sample.mask)
     if mask.shape != image.shape[:2]:
         raise UserError(f"{sample.mask}: mask is {_hw(mask.shape)} but its image {sample.image} is "
                         f"{_hw(image.shape)}; masks must have the size of their image")
-    return stacked, (lut[mask] if lut is not None else mask)
+    return parts, mask
 
 
 def _hw(shape: tuple) -> str:
@@ -330,7 +343,8 @@ class SampleInfo:
     height: int = 0
     width: int = 0
     channels: int = 0
-    dtype: str = ""
+    dtype: str = ""  # of the stacked image
+    types: str = ""  # the files' own pixel types: "uint8", or "uint16 image + uint8 nir" where they differ
     mask_values: dict[int, int] = field(default_factory=dict)
     mins: np.ndarray | None = None  # per channel
     maxs: np.ndarray | None = None
@@ -341,13 +355,17 @@ class SampleInfo:
 def inspect_sample(sample: Sample, with_stats: bool) -> SampleInfo:
     info = SampleInfo(sample.stem, str(sample.image), str(sample.mask) if sample.mask else None)
     try:
-        image, mask = read_sample(sample, lut=None)
+        parts, mask = read_parts(sample)
     except UserError as e:
         info.error = str(e)
         return info
+    image = stack_parts(parts)
     info.error = nonfinite_problem(image, sample.image)
     info.height, info.width, info.channels = image.shape
     info.dtype = str(image.dtype)
+    types = [str(p.dtype) for p in parts]
+    info.types = types[0] if len(set(types)) == 1 else " + ".join(
+        f"{t} {name}" for t, name in zip(types, ["image", *(b.parent.name for b in sample.bands)], strict=True))
     if mask is not None:
         counts = np.bincount(mask.ravel(), minlength=1)
         info.mask_values = {int(v): int(c) for v, c in enumerate(counts) if c}
@@ -376,7 +394,7 @@ def dataset_problems(infos: list[SampleInfo], labels: Labels | None, split: str,
     the masks must match (validation), rather than flags still to choose (training)."""
     problems = [i.error for i in infos if i.error]
     ok = [i for i in infos if not i.error]
-    for attr, what in (("channels", "channels (image + extra bands)"), ("dtype", "pixel type")):
+    for attr, what in (("channels", "{} channels (image + extra bands)"), ("types", "pixel type {}")):
         groups = defaultdict(list)
         for i in ok:
             groups[getattr(i, attr)].append(i)
@@ -384,7 +402,7 @@ def dataset_problems(infos: list[SampleInfo], labels: Labels | None, split: str,
             common = max(groups, key=lambda k: len(groups[k]))
             for value, members in groups.items():
                 if value != common:
-                    problems.append(f"{split}: {len(members)} image(s) have {value} {what} while "
+                    problems.append(f"{split}: {len(members)} image(s) have {what.format(value)} while "
                                     f"{len(groups[common])} have {common}: {_more([m.image for m in members])}; "
                                     "convert them so every image has the same layout")
     if labels is not None:
@@ -480,7 +498,10 @@ def fingerprint(samples: list[Sample]) -> str:
     for s in samples:
         for p in [s.image, s.mask, *s.bands]:
             if p is not None:
-                st = p.stat()
+                try:
+                    st = p.stat()
+                except OSError:  # a link to nothing: reading the file says so
+                    st = p.lstat()
                 h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
@@ -515,20 +536,22 @@ def check_splits(splits: dict[str, list[Sample]], labels: Labels, workers: int) 
         if labels.strict and set(found) - labels.known() else labels
     problems = [p for name, split_infos in infos.items()
                 for p in dataset_problems(split_infos, labels if name == "train" else others, name)]
-    layout = Counter((i.channels, i.dtype) for i in train_ok).most_common(1)[0][0] if train_ok else None
+    layout = Counter((i.channels, i.types) for i in train_ok).most_common(1)[0][0] if train_ok else None
     for name, split_infos in infos.items():
-        odd = [i.image for i in split_infos if not i.error and (i.channels, i.dtype) != layout]
+        odd = [i.image for i in split_infos if not i.error and (i.channels, i.types) != layout]
         if layout and name != "train" and odd:
             problems.append(f"{name}: {len(odd)} image(s) differ from the training images ({layout[0]} channels, "
                             f"{layout[1]}): {_more(odd, 4)}; convert them to the training layout")
+    if len(problems) > 1:
+        raise problem_list(f"{len(problems)} problems in the dataset:", problems)
     if problems:
-        head = f"{len(problems)} problems in the dataset:\n  " if len(problems) > 1 else ""
-        raise UserError(head + "\n  ".join(problems))
+        raise UserError(problems[0])
     for name, split_infos in infos.items():
         note = unlisted_note(split_infos, labels, name)
         if note:
             print(note)
-    return DataSummary(layout[0], layout[1], channel_stats(infos["train"], labels),
+    dtype = next(i.dtype for i in train_ok if (i.channels, i.types) == layout)
+    return DataSummary(layout[0], dtype, channel_stats(infos["train"], labels),
                        {name: [(i.height, i.width) for i in split_infos] for name, split_infos in infos.items()},
                        round(time.monotonic() - t0, 2))
 

@@ -27,7 +27,32 @@ os.umask(_UMASK)
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    """An image by its name; links to nothing count, so that reading them says what is wrong."""
+    return (path.is_file() or (path.is_symlink() and not path.exists())) \
+        and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def dead_link(path: Path, others: int = 0) -> UserError:
+    """The error for a link to a file that does not exist (others: how many more such links were found)."""
+    more = f"; {others} more link(s) point nowhere too" if others else ""
+    return UserError(f"{path}: is a link to {os.readlink(path)}, which does not exist (a drive not mounted? "
+                     f"git-annex: run `git annex get`){more}")
+
+
+def _stand_in(path: Path) -> str | None:
+    """What a file that holds no image holds instead, where that names the fix (a dataset cloned without its
+    large files, a download that fetched a web page), else None."""
+    try:
+        head = path.read_bytes()[:512] if path.stat().st_size < 4096 else b""
+    except OSError:
+        return None
+    if head.startswith(b"version https://git-lfs"):
+        return "is a Git LFS pointer, not the image: run `git lfs pull` in its repository"
+    if b"annex/objects/" in head:
+        return "is a git-annex pointer, not the image: run `git annex get` in its repository"
+    if head.lstrip()[:14].lower().startswith((b"<!doctype html", b"<html")):
+        return "is a web page (HTML), not an image: the download failed; download the file again"
+    return None
 
 
 def _read_tiff(path: Path) -> np.ndarray:
@@ -72,12 +97,12 @@ def read_image(path: Path, palette_indices: bool = False) -> np.ndarray:
     except UserError:
         raise
     except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
+        raise (dead_link(path) if path.is_symlink() else UserError(f"{path}: file not found")) from None
     except Exception as e:  # noqa: BLE001 -- tifffile/Pillow raise many types for broken files
         raise unreadable(path, e) from None
     if data is None:
-        raise UserError(f"{path}: cannot be decoded; the file is corrupt or not an image: re-export it or remove "
-                        "this sample")
+        raise UserError(f"{path}: " + (_stand_in(path) or "cannot be decoded; the file is corrupt or not an image: "
+                                       "re-export it or remove this sample"))
     if data.ndim == 3 and data.shape[2] == 3:
         data = cv2.cvtColor(data, cv2.COLOR_BGR2RGB)
     elif data.ndim == 3 and data.shape[2] == 4:
@@ -101,6 +126,8 @@ def unreadable(path: Path, e: Exception) -> UserError:
     """The error for a file its decoder refuses (tifffile, imagecodecs and Pillow raise many types)."""
     if "imagecodecs" in str(e):
         return UserError(f"{path}: compressed TIFF needs imagecodecs: pip install imagecodecs")
+    if _stand_in(path):
+        return UserError(f"{path}: {_stand_in(path)}")
     return UserError(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:120]}); the file is corrupt or not an "
                      "image: re-export it or remove this sample")
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from cli import Parser
 from errors import UserError, run_cli
-from fileio import TIFF_EXTENSIONS, is_image_file, output_folder, write_image
+from fileio import TIFF_EXTENSIONS, dead_link, is_image_file, output_folder, write_image
 from inference import Predictor, add_prediction_flags
 from raster import RasterReader, TiledTiffWriter, check_size, extratags, nodata_pixels, tiff_header
 
@@ -81,7 +81,7 @@ def list_images(path: Path) -> list[Path]:
         images = sorted(p for p in path.iterdir() if is_image_file(p))
         if not images:
             raise UserError(f"-i {path}: no image files in this folder")
-        return images
+        return check_links(images)
     if path.suffix.lower() == ".txt" and path.is_file():
         lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines()]
         images = [(path.parent / s).resolve() if not Path(s).is_absolute() else Path(s) for s in lines if s]
@@ -91,10 +91,18 @@ def list_images(path: Path) -> list[Path]:
                             f"{missing[0]}")
         if not images:
             raise UserError(f"-i {path}: the list is empty")
-        return images
+        return check_links(images)
     if is_image_file(path):
-        return [path]
+        return check_links([path])
     raise UserError(f"-i {path}: not found, or not an image, a folder or a .txt list")
+
+
+def check_links(paths: list[Path]) -> list[Path]:
+    """The paths, once none is a link to nothing (a drive not mounted, a git-annex file not fetched)."""
+    dead = [p for p in paths if not p.exists()]
+    if dead:
+        raise dead_link(dead[0], len(dead) - 1)
+    return paths
 
 
 def band_sources(specs: list[str], names: list[str], single: bool) -> dict[str, Path]:
@@ -123,7 +131,7 @@ def find_band(image: Path, name: str, given: dict[str, Path]) -> Path:
         why = "several files" if hits else "no file"
         raise UserError(f"{image}: {why} named {image.stem}.* for the model's band {name!r} in {source}; put it "
                         f"there or give --band {name}=PATH")
-    return hits[0]
+    return check_links(hits)[0]
 
 
 def glob_escape(text: str) -> str:

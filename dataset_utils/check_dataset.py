@@ -59,7 +59,7 @@ class Report:
     def __init__(self):
         self.errors: list[str] = []
         self.warnings: list[str] = []
-        self.layouts: dict[str, Counter] = {}  # split -> (channels, dtype) counts
+        self.layouts: dict[str, Counter] = {}  # split -> (channels, pixel types) counts
         self.digests: dict[str, list] = defaultdict(list)  # image file digest -> [(split, path)]
 
 
@@ -80,10 +80,11 @@ def check_split(split_dir: Path, bands: list[str], labels: Labels, workers: int,
     for i in ok:
         values.update(i.mask_values)
     report.warnings += mask_warnings(name, samples, ok, values, labels)
+    readable = [s for s, i in zip(samples, infos, strict=True) if not i.error]
     with ThreadPoolExecutor(workers) as pool:
-        for sample, digest in zip(samples, pool.map(file_digest, [s.image for s in samples]), strict=True):
+        for sample, digest in zip(readable, pool.map(file_digest, [s.image for s in readable]), strict=True):
             report.digests[digest].append((name, sample.image))
-    report.layouts[name] = Counter((i.channels, i.dtype) for i in ok)
+    report.layouts[name] = Counter((i.channels, i.types) for i in ok)
     sizes, total = Counter((i.width, i.height) for i in ok), sum(values.values()) or 1
     channels = ", ".join(f"{c} channels {d} ({n})" for (c, d), n in report.layouts[name].items())
     print(f"\n{name}: {len(samples)} samples of {' + '.join(['images', 'gt', *bands])}; {channels}")
@@ -91,7 +92,7 @@ def check_split(split_dir: Path, bands: list[str], labels: Labels, workers: int,
           + (f" and {len(sizes) - 6} more" if len(sizes) > 6 else ""))
     print("  mask values: " + ", ".join(f"{v} {100 * c / total:.1f}%" for v, c in sorted(values.items())[:12])
           + (" ..." if len(values) > 12 else ""))
-    palette = [s.mask for s in samples if s.mask.suffix.lower() == ".png" and is_palette_png(s.mask)]
+    palette = [s.mask for s in readable if s.mask.suffix.lower() == ".png" and is_palette_png(s.mask)]
     empty = [i for i in ok if not any(v in i.mask_values for v in labels.values)]
     note = f"; {len(palette)} palette PNG mask(s): their palette indices are the label values" if palette else ""
     print(f"  masks without any class pixel: {len(empty)} of {len(ok)}{note}")

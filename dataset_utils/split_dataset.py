@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cli import Parser, at_least, fraction
 from dataset import band_folders, pair_files
 from errors import UserError, run_cli
-from fileio import publish_folder, scratch_folder
+from fileio import dead_link, publish_folder, scratch_folder
 
 SCENE = r"^(.+)_r\d+_c\d+$"
 
@@ -69,6 +69,9 @@ def split(args: argparse.Namespace) -> dict[str, list[str]]:
     if unpaired:
         raise UserError(f"{len(unpaired)} unpaired file(s) in {src}, e.g. {unpaired[0]}; fix them first "
                         "(dataset_utils/check_dataset.py lists them all)")
+    dead = [p for s in samples for p in (s.image, s.mask, *s.bands) if p and not p.exists()]
+    if dead:
+        raise dead_link(dead[0], len(dead) - 1)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"-o {out} already exists and is not empty (or not a folder); choose a new folder")
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:

@@ -8,6 +8,7 @@ from dataset import (
     SegmentationDataset,
     channel_stats,
     check_band_names,
+    check_splits,
     dataset_problems,
     find_samples,
     mask_to_2d,
@@ -93,6 +94,19 @@ def test_scan_reports_every_problem_with_file_names(tmp_path):
     for stem in ("t000", "t001", "t002", "t003", "t004"):
         assert stem in problems, problems
     assert "128" in problems and '--class-list "128 255"' in problems
+
+
+def test_a_folder_of_bad_files_shows_the_pattern_not_every_file(tmp_path):
+    """A repository cloned without git lfs: every mask is a pointer; 20 are named, then the count."""
+    make_dataset(tmp_path, n_train=25, n_val=2, size=(16, 16))
+    for p in (tmp_path / "train" / "gt").iterdir():
+        p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 99\n")
+    splits = {name: find_samples(tmp_path / name, []) for name in ("train", "val")}
+    with pytest.raises(UserError) as e:
+        check_splits(splits, Labels.from_args(None, None, None), workers=1)
+    lines = str(e.value).splitlines()
+    assert lines[0] == "25 problems in the dataset:" and len(lines) == 22, lines
+    assert all("is a Git LFS pointer" in ln for ln in lines[1:21]) and lines[-1] == "  ... and 5 more"
 
 
 def test_masks_0_1_suggest_class_list(tmp_path):

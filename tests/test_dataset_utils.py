@@ -192,6 +192,10 @@ def test_split_keeps_pairs_is_seeded_and_keeps_scenes_together(tmp_path):
     assert other.returncode == 0
     assert_user_error(tool("split_dataset", src, "-o", tmp_path / "s1"), "not empty")
     assert_user_error(tool("split_dataset", src, "-o", tmp_path / "s4", "--val", "0.7", "--test", "0.4"), "--val")
+    (src / "gt" / "e_r0300_c0000.png").unlink()
+    (src / "gt" / "e_r0300_c0000.png").symlink_to("/media/usb/e.png")  # a git-annex file not fetched, say
+    assert_user_error(tool("split_dataset", src, "-o", tmp_path / "s5"), "e_r0300_c0000.png: is a link to")
+    assert not (tmp_path / "s5").exists()
 
 
 def test_remap_values_in_place(tmp_path):
@@ -265,10 +269,13 @@ def test_doctor_passes_clean_and_names_every_planted_problem(tmp_path):
     shutil.copy(tr / "images" / "t004.png", ds / "val" / "images" / "v000.png")    # leakage into val
     write_image(tr / "gt" / "t005.jpg", read_image(tr / "gt" / "t005.png"))        # ambiguous mask stem
     (tr / "gt" / "t005.png").unlink()
+    (tr / "images" / "t006.png").unlink()
+    (tr / "images" / "t006.png").symlink_to("/media/usb/t006.png")                 # a link to nothing
     r = tool("check_dataset", ds)
     out = r.stdout + r.stderr
     assert r.returncode == 1 and "Traceback" not in out
-    for needle in ("t000", "t001", "t002", "t003", "128", "t004", "v000", "leaks", "JPEG"):
+    for needle in ("t000", "t001", "t002", "t003", "128", "t004", "v000", "leaks", "JPEG",
+                   "t006.png: is a link to /media/usb/t006.png, which does not exist"):
         assert needle in out, needle
 
 

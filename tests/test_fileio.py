@@ -1,4 +1,5 @@
 import errno
+import re
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from conftest import make_dataset  # noqa: F401  (conftest puts the repo on sys.
 from PIL import Image
 
 from errors import UserError
-from fileio import as_disk_error, atomic_output, read_image, write_image
+from fileio import as_disk_error, atomic_output, is_image_file, read_image, write_image
 
 
 @pytest.mark.parametrize("ext", [".png", ".tif", ".bmp"])
@@ -79,6 +80,23 @@ def test_empty_and_corrupt_files_raise_user_errors(tmp_path):
     (tmp_path / "bad.tif").write_bytes(b"II*\x00" + b"\x00" * 50)
     with pytest.raises(UserError, match=r"bad\.tif"):
         read_image(tmp_path / "bad.tif")
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".tif"])
+def test_files_standing_in_for_images_name_the_fix(tmp_path, ext):
+    """A clone without its large files, a failed download, a link to an unmounted drive: each says how to get
+    the image."""
+    cases = {"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 9\n": "git lfs pull",
+             "/annex/objects/SHA256E-s9--4d7a.png\n": "git annex get",
+             "\n<!DOCTYPE html>\n<html><body>Sign in</body></html>": "web page (HTML)"}
+    for i, (text, fix) in enumerate(cases.items()):
+        (tmp_path / f"{i}{ext}").write_text(text)
+        with pytest.raises(UserError, match=rf"{i}\{ext}: is a .*{re.escape(fix)}"):
+            read_image(tmp_path / f"{i}{ext}")
+    (tmp_path / f"link{ext}").symlink_to("/media/usb/scene.tif")
+    assert is_image_file(tmp_path / f"link{ext}")  # listed, so that reading it says what is wrong
+    with pytest.raises(UserError, match=r"is a link to /media/usb/scene.tif, which does not exist"):
+        read_image(tmp_path / f"link{ext}")
 
 
 def test_atomic_output_keeps_old_file_on_failure(tmp_path):
