@@ -3,9 +3,10 @@
 #   source setup.sh [requirements.txt]      -> sets PY to the venv's python
 # VENV=none uses the current python3 as it is (e.g. Google Colab, where torch is preinstalled).
 set -euo pipefail
-req=${1:-requirements.txt}
+kit=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)  # requirements and .venv live beside the scripts
+req=$kit/${1:-requirements.txt}
 PY=${PYTHON:-python3}
-venv=${VENV:-.venv}
+venv=${VENV:-$kit/.venv}
 # The Python that runs segkit (the one that makes the venv, or the current one with VENV=none) must be 3.10+.
 if { [ "$venv" = none ] || [ ! -x "$venv/bin/python" ]; } \
     && ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
@@ -21,11 +22,11 @@ if [ "$venv" != none ]; then
   fi
   PY="$venv/bin/python"
   stamp="$venv/.installed-$(basename "$req")"
-  if [ "$(cat "$stamp" 2>/dev/null)" != "$(cat requirements*.txt)" ]; then
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$(cat "$kit"/requirements*.txt)" ]; then
     echo "installing $req into $venv (the first time this includes PyTorch: about 6 GB on Linux) ..."
     quiet=-q; [ -t 1 ] && quiet=   # pip's progress bars on a terminal, not in logs
     "$PY" -m pip install -q --upgrade pip
     "$PY" -m pip install $quiet -r "$req"
-    cat requirements*.txt > "$stamp"
+    cat "$kit"/requirements*.txt > "$stamp"
   fi
 fi

@@ -3,12 +3,12 @@
 # (data/sample: RGB + NIR water tiles, 30 epochs) in a couple of minutes on a CPU.
 # Every setting is an environment variable (unset: train.py's default); further arguments go to train.py as they are:
 #   DATASET=my_data ADD_DIRS="nir" CLASS_LIST="1 2 5" EPOCHS=100 bash train.sh --patience 10
+# Paths are taken from the folder it is run in, as train.py takes them; the sample is found beside the script.
 set -euo pipefail
-cd "$(dirname "$0")"
-source setup.sh requirements.txt
+source "$(dirname "$0")/setup.sh" requirements.txt
 
-DATASET=${DATASET:-data/sample}
-if [ "$DATASET" = data/sample ]; then ADD_DIRS=${ADD_DIRS-nir}; EPOCHS=${EPOCHS:-30}; fi
+DATASET=${DATASET:-$kit/data/sample}
+if [ "$(cd "$DATASET" 2>/dev/null && pwd)" = "$kit/data/sample" ]; then ADD_DIRS=${ADD_DIRS-nir}; EPOCHS=${EPOCHS:-30}; fi
 args=(-d "$DATASET")
 add() { [ -n "${2:-}" ] && args+=("$1" "$2"); return 0; }
 add -m "${MODEL:-}"
@@ -21,4 +21,4 @@ add --class-list "${CLASS_LIST:-}"
 add -a "${AUG:-}"
 add -log "${LOG_DIR:-}"
 add --exp-name "${EXP_NAME:-}"   # unset: a new experiment each run; an existing name resumes
-exec "$PY" train.py "${args[@]}" "$@"
+exec "$PY" "$kit/train.py" "${args[@]}" "$@"

@@ -4,8 +4,7 @@
 # validate.py as they are:
 #   CHECK_DIR=logs/flood DATASET=my_data/val TTA=d4 bash validate.sh --raw
 set -euo pipefail
-cd "$(dirname "$0")"
-source setup.sh requirements.txt
+source "$(dirname "$0")/setup.sh" requirements.txt   # paths are taken from the folder it is run in
 
 LOG_DIR=${LOG_DIR:-logs}
 # With neither CHECKPOINT nor CHECK_DIR: the experiment trained last, by the time of its last.pth (only training
@@ -17,7 +16,7 @@ if [ -z "${CHECKPOINT:-}" ] && [ -z "${CHECK_DIR:-}" ]; then
     exit 2
   fi
 fi
-args=(-d "${DATASET:-data/sample/val}")
+args=(-d "${DATASET:-$kit/data/sample/val}")
 if [ -n "${CHECKPOINT:-}" ]; then args+=(-c "$CHECKPOINT"); else args+=(-cd "$CHECK_DIR"); fi
 add() { [ -n "${2:-}" ] && args+=("$1" "$2"); return 0; }
 add -o "${OUTPUT:-}"
@@ -26,4 +25,4 @@ add --tile-size "${TILE_SIZE:-}"
 add --tta "${TTA:-}"
 add -b "${BATCH:-}"
 read -r -a outputs <<< "${OUTPUTS:---binary --plots}"   # which files to write, e.g. OUTPUTS="--binary --raw"
-exec "$PY" validate.py "${args[@]}" "${outputs[@]}" "$@"
+exec "$PY" "$kit/validate.py" "${args[@]}" "${outputs[@]}" "$@"

@@ -127,8 +127,8 @@ def test_workers_started_by_spawn_train_and_validate(tmp_path):
     out = {}
     for script, *args in (("train.py", "-d", ds, "--add-dirs", "nir", "-log", tmp_path / "logs", "--exp-name", "s",
                            "--cache", "ram", *FAST[:-1], "2"),
-                          ("validate.py", "-d", ds / "val", "-m", tmp_path / "logs" / "s", "-o", tmp_path / "check", "--binary",
-                           "--cpu", "-w", "2")):
+                          ("validate.py", "-d", ds / "val", "-m", tmp_path / "logs" / "s", "-o", tmp_path / "check",
+                           "--binary", "--cpu", "-w", "2")):
         r = subprocess.run([sys.executable, "-c", start, script, *map(str, args)], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
@@ -171,6 +171,18 @@ def test_train_sh_with_a_python_too_old_says_so_before_making_a_venv(tmp_path):
     assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
     assert r.stderr.startswith("error: segkit needs Python 3.10 or newer") and "Python 3.9.18" in r.stderr
     assert r.stderr.count("\n") == 1 and not (tmp_path / "venv").exists()
+
+
+def test_shell_scripts_take_paths_from_the_folder_they_run_in(tmp_path, binary_ds):
+    """bash ~/segkit/train.sh from a project folder: DATASET and logs/ are that folder's, as for train.py."""
+    env = dict(os.environ, VENV="none", PYTHON=sys.executable, HF_HUB_OFFLINE="1", DATASET="ds", EXP_NAME="here")
+    r = subprocess.run(["bash", ROOT / "train.sh", *FAST], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and (tmp_path / "logs" / "here" / "best.pth").is_file(), r.stdout + r.stderr
+    env.update(DATASET="ds/val", OUTPUT="out")
+    r = subprocess.run(["bash", ROOT / "validate.sh", "--cpu", "-w", "0"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and len(list((tmp_path / "out" / "masks").iterdir())) == 3, r.stdout + r.stderr
 
 
 def test_resume_continues_and_finished_run_exits_zero(tmp_path, binary_ds):
@@ -309,6 +321,14 @@ def break_dataset(ds, how):
             p.unlink()
     elif how == "images_elsewhere":
         (tr / "images").rename(tr / "img")
+    elif how == "mixed_types":  # one 16-bit image among 8-bit ones, each with an 8-bit band
+        write_image(tr / "images" / "t003.png", read_image(tr / "images" / "t003.png").astype(np.uint16) * 257)
+    elif how == "dead_link":  # as in a git-annex dataset whose files were not fetched
+        (tr / "nir" / "t003.png").unlink()
+        (tr / "nir" / "t003.png").symlink_to("../../.git/annex/objects/Xk/t003.png")
+    elif how == "lfs_pointers":  # as in a repository cloned without git lfs
+        for p in (tr / "gt").iterdir():
+            p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 2048\n")
 
 
 @pytest.mark.parametrize("how,needles", [
@@ -330,6 +350,10 @@ def break_dataset(ds, how):
     ("blank_masks", ["every train mask is all background", "train/gt"]),
     ("images_elsewhere", ["train/images not found", "img/"]),
     ("jpeg_masks", ["train masks are JPEG files", ".jpg", "PNG or TIFF"]),
+    ("mixed_types", ["t003", "pixel type uint16 image + uint8 nir while 5 have uint8"]),
+    ("dead_link", ["nir/t003.png: is a link to ../../.git/annex/objects/Xk/t003.png, which does not exist",
+                   "git annex get"]),
+    ("lfs_pointers", ["6 problems", "gt/t000.png: is a Git LFS pointer", "git lfs pull"]),
 ])
 def test_bad_data_gets_one_clear_error(tmp_path, how, needles):
     ds = make_dataset(tmp_path / "ds", n_train=6, bands=("nir",))
