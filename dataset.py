@@ -464,6 +464,18 @@ def unlisted_note(infos: list[SampleInfo], labels: Labels, split: str) -> str | 
     return None
 
 
+def zero_listed_note(labels: Labels, class_pixels: list[int]) -> str | None:
+    """Where --class-list lists 0 and no training pixel is left for background, what that means and the fix:
+    most who list 0 mean it as the background of their masks, which leaving it out already makes it."""
+    if 0 not in labels.values or class_pixels[0]:
+        return None
+    rest = " ".join(str(v) for v in labels.values if v != 0)
+    fix = f"--class-list {rest}" if rest else "list the values of your classes"
+    return (f"--class-list {' '.join(map(str, labels.values))} makes value 0 a class of its own (counted in mIoU), "
+            f"so no training pixel is background and the model has {labels.out_channels} outputs, one for a class "
+            f"that never occurs; if 0 is the background of your masks, leave it out: {fix}")
+
+
 @dataclass
 class ChannelStats:
     mean: list[float]

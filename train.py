@@ -18,7 +18,7 @@ from pathlib import Path
 from augmentations import PRESETS
 from cli import Parser, at_least, multiple_of_32, positive
 from dataset import check_band_names, folder_label
-from errors import UserError, run_cli
+from errors import UserError, run_cli, warn
 from losses import LOSS_NAMES
 from optim import OPTIMIZERS, SCHEDULES
 from runtime import AMP_CHOICES
@@ -274,7 +274,7 @@ def find_splits(args: argparse.Namespace) -> dict[str, list]:
 def check_data(args: argparse.Namespace, splits: dict, labels, exp_dir: Path, procs):
     """Every file checked and the training set measured, once per dataset (the check is cached in the log folder):
     under torchrun, process 0 reads the data while the others wait for its summary."""
-    from dataset import checked_splits
+    from dataset import checked_splits, zero_listed_note
     from runtime import default_workers
 
     workers = args.workers if args.workers is not None else default_workers(procs.device, procs.world)
@@ -282,6 +282,9 @@ def check_data(args: argparse.Namespace, splits: dict, labels, exp_dir: Path, pr
     if procs.main:
         data = checked_splits(splits, labels, args.add_dirs.split(), Path(args.log_dir) / ".dataset-checks",
                               max(1, workers))
+        note = zero_listed_note(labels, data.stats.class_pixels)
+        if note:
+            warn(note)
         exp_dir.mkdir(parents=True, exist_ok=True)  # the experiment folder appears once its data is sound
         for stale in exp_dir.glob(".*.tmp"):  # left by a run killed while writing
             stale.unlink()

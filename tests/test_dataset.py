@@ -14,6 +14,7 @@ from dataset import (
     mask_to_2d,
     read_sample,
     scan_samples,
+    zero_listed_note,
 )
 from errors import UserError
 from fileio import read_image, write_image
@@ -107,6 +108,13 @@ def test_a_folder_of_bad_files_shows_the_pattern_not_every_file(tmp_path):
     lines = str(e.value).splitlines()
     assert lines[0] == "25 problems in the dataset:" and len(lines) == 22, lines
     assert all("is a Git LFS pointer" in ln for ln in lines[1:21]) and lines[-1] == "  ... and 5 more"
+
+
+def test_zero_in_the_class_list_is_explained_only_where_nothing_is_background():
+    note = zero_listed_note(Labels.from_args("0 1 2", None, None), [0, 10, 5, 7])
+    assert note and note.endswith("--class-list 1 2") and "4 outputs" in note
+    assert zero_listed_note(Labels.from_args("0 1 2", None, None), [3, 10, 5, 7]) is None  # other values: background
+    assert zero_listed_note(Labels.from_args("1 2", None, None), [0, 10, 5]) is None
 
 
 def test_masks_0_1_suggest_class_list(tmp_path):

@@ -60,6 +60,16 @@ def test_multiclass_16bit_nir_odd_length_non_ascii(tmp_path):
     assert meta["dtype"] == "uint16" and meta["stats"]["max"][0] > 255
 
 
+def test_listing_background_0_as_a_class_is_explained(tmp_path, binary_ds):
+    """0/255 masks with --class-list "0 255": legitimate (0 becomes a class), but most who write it mean binary."""
+    r = train(binary_ds, tmp_path / "logs", "--class-list", "0 255")
+    assert r.returncode == 0 and "classes bg, 0, 255 (softmax)" in r.stdout, r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("warning: --class-list")] == [
+        "warning: --class-list 0 255 makes value 0 a class of its own (counted in mIoU), so no training pixel is "
+        "background and the model has 3 outputs, one for a class that never occurs; if 0 is the background of your "
+        "masks, leave it out: --class-list 255"]
+
+
 def pipe_holders(pipe) -> set[int]:
     """Processes other than this one with either end of `pipe` open (Linux /proc)."""
     name, found = f"pipe:[{os.fstat(pipe.fileno()).st_ino}]", set()
