@@ -73,6 +73,17 @@ def _files_by_stem(folder: Path) -> dict[str, Path]:
     return {stem: ps[0] for stem, ps in by_stem.items()}
 
 
+def masks_elsewhere(split_dir: Path, add_dirs: list[str]) -> str:
+    """Where a split has no gt/ but other folders than images/ and the bands: those it holds, and the rename where
+    one of them can be the masks; else nothing."""
+    inside = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    others = [name for name in inside if name not in ("images", *add_dirs)]
+    if not others:
+        return ""
+    rename = f"; if {others[0]}/ holds the masks, rename it gt/" if len(others) == 1 else ""
+    return f" ({split_dir.name}/ holds {', '.join(n + '/' for n in inside[:6])}{rename})"
+
+
 def pair_files(split_dir: Path, add_dirs: list[str], masks: str = "required") -> tuple[list[Sample], list[str]]:
     """Pair <split_dir>/images with gt/ and the extra band folders by file stem: the complete samples, and one line
     per file without its partner. Missing folders raise.
@@ -93,7 +104,8 @@ def pair_files(split_dir: Path, add_dirs: list[str], masks: str = "required") ->
     gt_dir = split_dir / "gt"
     use_masks = masks == "required" or (masks == "optional" and gt_dir.is_dir())
     if use_masks and not gt_dir.is_dir():
-        raise UserError(f"{gt_dir} not found: put the masks in a 'gt' folder next to images/, same file names")
+        raise UserError(f"{gt_dir} not found{masks_elsewhere(split_dir, add_dirs)}: put the masks in a 'gt' folder "
+                        "next to images/, same file names")
     folders = {"gt": gt_dir} if use_masks else {}
     for d in add_dirs:
         if not (split_dir / d).is_dir() and "," in d:

@@ -231,6 +231,9 @@ def read_add_val_list(path: str) -> list[tuple[str, Path]]:
     return sets
 
 
+ARCHIVES = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar")
+
+
 def no_train_folder(root: Path) -> str:
     """Why -d, a folder without train/, is not a dataset: what it is instead and the -d to pass."""
     split = root.parent if root.name in ("images", "gt") else root
@@ -252,6 +255,9 @@ def find_splits(args: argparse.Namespace) -> dict[str, list]:
     from errors import warn
 
     root = Path(args.dataset_dir)
+    if root.is_file():
+        unpack = ": unpack it and pass the folder it holds" if root.suffix.lower() in ARCHIVES else ""
+        raise UserError(f"-d {root} is a file, not a dataset folder{unpack}")
     if not root.is_dir():
         raise UserError(f"-d {root}: dataset folder not found")
     if not (root / "train").is_dir():
@@ -261,6 +267,10 @@ def find_splits(args: argparse.Namespace) -> dict[str, list]:
     if args.add_val_dirs:
         eval_dirs += read_add_val_list(args.add_val_dirs)
     if not val_dir.is_dir() and not args.use_only_add_val:
+        others = [p for p in sorted(root.iterdir()) if p.name != "train" and (p / "images").is_dir()]
+        if not args.val_dir and others:
+            raise UserError(f"{val_dir} not found, but {others[0]} holds images/: pass -val {others[0]}, or rename "
+                            "it val/")
         raise UserError(f"{val_dir} not found: a dataset needs a val/ folder next to train/ (or pass -val DIR); "
                         "make one with python dataset_utils/split_dataset.py")
     for name, folder in eval_dirs:

@@ -344,7 +344,7 @@ def predict_all(predictor, loader, evaluation: Evaluation, total: int) -> None:
 
 # ------------------------------------------------------------------------------------------------------ main
 def main(args: argparse.Namespace) -> int:
-    from dataset import SegmentationDataset
+    from dataset import SegmentationDataset, masks_elsewhere
     from inference import Predictor
     from loaders import eval_loader, fit_shared_memory, largest_eval_batch
     from runtime import configure, default_workers, select_device
@@ -362,7 +362,8 @@ def main(args: argparse.Namespace) -> int:
     if args.com and not has_gt:
         raise UserError(f"--com computes metrics only, but {data_dir} has no gt/ folder")
     if not has_gt:
-        print(f"note: {data_dir} has no gt/ folder: predicting only, no metrics")
+        where = masks_elsewhere(data_dir, predictor.meta.add_dirs)
+        print(f"note: {data_dir} has no gt/ folder{where}: predicting only, no metrics")
     out = prepare_output(args, path, data_dir)
     meta = predictor.meta
     dataset = SegmentationDataset(samples, meta.labels, meta.stats, thumbnails=args.plots and not args.com)

@@ -12,6 +12,7 @@ from dataset import (
     dataset_problems,
     find_samples,
     mask_to_2d,
+    masks_elsewhere,
     read_sample,
     scan_samples,
     zero_listed_note,
@@ -115,6 +116,17 @@ def test_zero_in_the_class_list_is_explained_only_where_nothing_is_background():
     assert note and note.endswith("--class-list 1 2") and "4 outputs" in note
     assert zero_listed_note(Labels.from_args("0 1 2", None, None), [3, 10, 5, 7]) is None  # other values: background
     assert zero_listed_note(Labels.from_args("1 2", None, None), [0, 10, 5]) is None
+
+
+def test_masks_under_another_folder_name_are_pointed_at(tmp_path):
+    make_dataset(tmp_path, n_train=2, bands=("nir",))
+    (tmp_path / "train" / "gt").rename(tmp_path / "train" / "labels")
+    with pytest.raises(UserError, match=r"train/gt not found \(train/ holds images/, labels/, nir/; if labels/ holds "
+                                        r"the masks, rename it gt/\)"):
+        find_samples(tmp_path / "train", ["nir"])
+    assert masks_elsewhere(tmp_path / "train", []) == " (train/ holds images/, labels/, nir/)"  # which one is it?
+    (tmp_path / "train" / "labels").rename(tmp_path / "train" / ".labels")
+    assert masks_elsewhere(tmp_path / "train", ["nir"]) == ""
 
 
 def test_masks_0_1_suggest_class_list(tmp_path):

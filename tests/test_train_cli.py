@@ -331,6 +331,8 @@ def break_dataset(ds, how):
             p.unlink()
     elif how == "images_elsewhere":
         (tr / "images").rename(tr / "img")
+    elif how == "masks_folder":  # gt/ under another name
+        (tr / "gt").rename(tr / "masks")
     elif how == "mixed_types":  # one 16-bit image among 8-bit ones, each with an 8-bit band
         write_image(tr / "images" / "t003.png", read_image(tr / "images" / "t003.png").astype(np.uint16) * 257)
     elif how == "dead_link":  # as in a git-annex dataset whose files were not fetched
@@ -360,6 +362,8 @@ def break_dataset(ds, how):
     ("blank_masks", ["every train mask is all background", "train/gt"]),
     ("images_elsewhere", ["train/images not found", "img/"]),
     ("jpeg_masks", ["train masks are JPEG files", ".jpg", "PNG or TIFF"]),
+    ("masks_folder", ["train/gt not found (train/ holds images/, masks/, nir/; if masks/ holds the masks, rename it "
+                      "gt/)"]),
     ("mixed_types", ["t003", "pixel type uint16 image + uint8 nir while 5 have uint8"]),
     ("dead_link", ["nir/t003.png: is a link to ../../.git/annex/objects/Xk/t003.png, which does not exist",
                    "git annex get"]),
@@ -409,8 +413,13 @@ def test_dataset_folder_at_the_wrong_level_names_the_right_one(tmp_path, binary_
 
 
 def test_missing_val_split_points_to_the_fix(tmp_path, binary_ds):
-    shutil.rmtree(binary_ds / "val")
+    (binary_ds / "val").rename(binary_ds / "valid")
+    assert_user_error(train(binary_ds, tmp_path / "logs"), f"but {binary_ds / 'valid'} holds images/: pass -val "
+                      f"{binary_ds / 'valid'}, or rename it val/")
+    shutil.rmtree(binary_ds / "valid")
     assert_user_error(train(binary_ds, tmp_path / "logs"), "val", "-val DIR", "split_dataset.py")
+    archive = shutil.make_archive(str(tmp_path / "ds"), "zip", binary_ds)
+    assert_user_error(train(archive, tmp_path / "logs"), "ds.zip is a file, not a dataset folder: unpack it")
 
 
 def test_unknown_preset_or_loss_lists_choices(tmp_path, binary_ds):
