@@ -315,6 +315,7 @@ def auto_image_size(sizes: list[tuple[int, int]]) -> int:
 # --------------------------------------------------------------------------------------------------- model
 def make_model(args: argparse.Namespace, data, labels, resumed, procs):
     """The model on its device, and its metadata: new, or as the resumed experiment saved them."""
+    import numpy as np
     import segmentation_models_pytorch as smp
     import torch
 
@@ -326,9 +327,13 @@ def make_model(args: argparse.Namespace, data, labels, resumed, procs):
     if resumed is not None:
         meta = replace(resumed.meta, train_args={**resumed.meta.train_args, "epochs": args.epochs})
         model, weights = build_model(meta.arch, meta.encoder, meta.in_channels, meta.out_channels, "none")
-        if data.channels != meta.in_channels:
-            raise UserError(f"the images now have {data.channels} channels but this experiment was trained with "
-                            f"{meta.in_channels}; use a new --exp-name")
+        if data.channels != meta.in_channels or data.dtype != meta.dtype:
+            raise UserError(f"the images are now {data.channels} channels of {data.dtype} but this experiment was "
+                            f"trained on {meta.in_channels} of {meta.dtype}; use a new --exp-name")
+        if not np.allclose(data.stats.mean + data.stats.std, meta.stats.mean + meta.stats.std, rtol=1e-6, atol=0):
+            warn(f"-d {args.dataset_dir}: its training images are not those experiment {args.exp_name} started on "
+                 "(their pixel statistics differ); it resumes with the first set's normalisation, and its best val "
+                 "score so far was measured on the data it had then")
     else:
         model, weights = build_model(args.model, args.encoder, data.channels, labels.out_channels,
                                      args.encoder_weights)

@@ -212,6 +212,26 @@ def test_resume_continues_and_finished_run_exits_zero(tmp_path, binary_ds):
     assert_user_error(r, "trained with no --add-dirs and this command has --add-dirs nir")
 
 
+def test_resuming_on_other_data_is_said(tmp_path, binary_ds):
+    """A moved copy resumes quietly (Colab copies data anew each session); other images get a warning, images of
+    another pixel type an error (the saved normalisation would not fit them)."""
+    log, moved, other = tmp_path / "logs", tmp_path / "moved", tmp_path / "other"
+    assert train(binary_ds, log, "--exp-name", "r").returncode == 0
+    shutil.copytree(binary_ds, moved)
+    r = train(moved, log, "--exp-name", "r", "-e", "2")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    shutil.copytree(binary_ds, other)
+    for p in (other / "train" / "images").iterdir():
+        write_image(p, 255 - read_image(p))
+    r = train(other, log, "--exp-name", "r", "-e", "3")
+    assert r.returncode == 0 and "epoch 3/3" in r.stdout, r.stderr
+    assert f"warning: -d {other}: its training images are not those experiment r started on" in r.stderr
+    for p in [*(other / "train" / "images").iterdir(), *(other / "val" / "images").iterdir()]:
+        write_image(p, read_image(p).astype(np.uint16) * 257)
+    assert_user_error(train(other, log, "--exp-name", "r", "-e", "4"), "now 3 channels of uint16",
+                      "trained on 3 of uint8")
+
+
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     ds = make_dataset(tmp_path / "ds", n_train=16, n_val=4)
     log = tmp_path / "logs"
