@@ -422,6 +422,12 @@ def dataset_problems(infos: list[SampleInfo], labels: Labels | None, split: str,
     return problems
 
 
+def smoothed(labels: Labels, unlisted: list[int]) -> bool:
+    """Binary masks whose edges were blurred (resized with interpolation, drawn anti-aliased): many values between
+    background and the class value, which no --class-list would mean."""
+    return labels.binary and len(unlisted) > 10 and all(0 < v < labels.values[0] for v in unlisted)
+
+
 def label_problems(infos: list[SampleInfo], labels: Labels, split: str, other_fix: str = "",
                    trained: bool = False) -> list[str]:
     """Mask values the labels do not cover (strict labels), and masks that hold no class value at all: always an
@@ -440,7 +446,14 @@ def label_problems(infos: list[SampleInfo], labels: Labels, split: str, other_fi
                         " save the masks as PNG or TIFF, which keep exact values")
         odd = {mask: values for mask, values in odd.items() if mask not in jpeg}
     unlisted = sorted({v for values in odd.values() for v in values})
-    if unlisted and labels.strict:
+    if unlisted and labels.strict and smoothed(labels, unlisted):
+        top, first = labels.values[0], next(iter(odd))
+        problems.append(f"{split} masks are not binary: besides 0 and {top} they hold {len(unlisted)} in-between "
+                        f"values ({_more(unlisted)}) in {len(odd)} file(s), e.g. {first}: edges smoothed by resizing "
+                        "(use nearest-neighbour) or anti-aliased drawing; threshold them with python "
+                        f"dataset_utils/convert_classes_in_masks.py {Path(first).parent} --map "
+                        f"\"1-{top // 2}:0 {top // 2 + 1}-{top - 1}:{top}\"")
+    elif unlisted and labels.strict:
         suggestion = " ".join(map(str, labels.suggested(found)))
         hint = (" (many in-between values: JPEG or anti-aliased masks? save masks as PNG with exact values)"
                 if len(unlisted) > 10 else "")
@@ -556,8 +569,9 @@ def check_splits(splits: dict[str, list[Sample]], labels: Labels, workers: int) 
     # Where train's masks hold values the default --class-list lacks, its message suggests the train masks' values:
     # the other splits are checked against that suggestion, so a wrong --class-list is said once.
     found = labels.suggested({v for i in train_ok for v in i.mask_values})
+    unlisted = sorted(set(found) - labels.known())
     others = replace(labels, values=found, flag=f"--class-list {' '.join(map(str, found))}") \
-        if labels.strict and set(found) - labels.known() else labels
+        if labels.strict and unlisted and not smoothed(labels, unlisted) else labels
     problems = [p for name, split_infos in infos.items()
                 for p in dataset_problems(split_infos, labels if name == "train" else others, name)]
     layout = Counter((i.channels, i.types) for i in train_ok).most_common(1)[0][0] if train_ok else None

@@ -36,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("masks", help="folder of masks")
     p.add_argument("-o", "--output-dir", help="write converted masks here (a new folder) instead of in place")
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--map", help='old:new value pairs, e.g. "64:1 128:2 255:0"')
+    how.add_argument("--map", help='old:new value pairs, e.g. "64:1 128:2 255:0"; old may be a range: "1-127:0"')
     how.add_argument("--palette", help='R,G,B:value pairs for colour masks, e.g. "0,0,255:1 255,0,0:2"')
     p.add_argument("--unmapped", default=None,
                    help="values/colours not listed: 'error', or a value to set them to (default: --map keeps them, "
@@ -45,16 +45,23 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def parse_pairs(text: str, flag: str, colour: bool) -> dict:
+    """{old: new} from "old:new" items; old is a colour R,G,B (colour) or a value or a range of values LO-HI."""
     pairs = {}
     try:
         for item in text.replace(";", " ").split():
             old, new = item.rsplit(":", 1)
-            key = tuple(int(v) for v in old.split(",")) if colour else int(old)
-            if colour and len(key) != 3:
-                raise ValueError
-            pairs[key] = int(new)
+            if colour:
+                keys = [tuple(int(v) for v in old.split(","))]
+                if len(keys[0]) != 3:
+                    raise ValueError
+            else:
+                lo, _, hi = old.partition("-")
+                keys = list(range(int(lo), int(hi or lo) + 1))
+                if not keys or keys[0] < 0 or keys[-1] > 65535:
+                    raise ValueError
+            pairs.update(dict.fromkeys(keys, int(new)))
     except ValueError:
-        example = '"0,0,255:1 255,0,0:2"' if colour else '"64:1 128:2 255:0"'
+        example = '"0,0,255:1 255,0,0:2"' if colour else '"64:1 128:2 255:0" or ranges, "1-127:0 128-254:255"'
         raise UserError(f"{flag} '{text}' must be pairs like {example}") from None
     if not pairs or min(pairs.values()) < 0 or max(pairs.values()) > 65535:
         raise UserError(f"{flag} '{text}': new values must be between 0 and 65535")

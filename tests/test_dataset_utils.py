@@ -213,6 +213,18 @@ def test_remap_values_in_place(tmp_path):
     assert_user_error(tool("convert_classes_in_masks", masks, "--map", "1-5"), "--map")
 
 
+def test_ranges_threshold_smoothed_masks(tmp_path):
+    """What train.py proposes for masks with blurred edges: value ranges in --map."""
+    masks = tmp_path / "gt"
+    masks.mkdir()
+    write_image(masks / "a.png", np.array([[0, 3, 127, 128, 200, 254, 255]], np.uint8))
+    r = tool("convert_classes_in_masks", masks, "--map", "1-127:0 128-254:255")
+    assert r.returncode == 0, r.stderr
+    assert read_image(masks / "a.png").tolist() == [[0, 0, 0, 255, 255, 255, 255]]
+    for bad in ("9-3:0", "1-70000:0", "a-b:1"):
+        assert_user_error(tool("convert_classes_in_masks", masks, "--map", bad), f"--map '{bad}'", "1-127:0")
+
+
 def test_palette_to_index_masks(tmp_path):
     painted = tmp_path / "painted"
     painted.mkdir()

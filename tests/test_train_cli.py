@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -351,6 +352,9 @@ def break_dataset(ds, how):
             p.unlink()
     elif how == "images_elsewhere":
         (tr / "images").rename(tr / "img")
+    elif how == "smoothed_masks":  # masks resized with linear interpolation: blurred edges
+        for p in (tr / "gt").iterdir():
+            write_image(p, cv2.resize(cv2.resize(read_image(p), (128, 96)), (64, 48), interpolation=cv2.INTER_AREA))
     elif how == "masks_folder":  # gt/ under another name
         (tr / "gt").rename(tr / "masks")
     elif how == "mixed_types":  # one 16-bit image among 8-bit ones, each with an 8-bit band
@@ -382,6 +386,8 @@ def break_dataset(ds, how):
     ("blank_masks", ["every train mask is all background", "train/gt"]),
     ("images_elsewhere", ["train/images not found", "img/"]),
     ("jpeg_masks", ["train masks are JPEG files", ".jpg", "PNG or TIFF"]),
+    ("smoothed_masks", ["train masks are not binary: besides 0 and 255", "in-between values",
+                        'convert_classes_in_masks.py', '/train/gt --map "1-127:0 128-254:255"']),
     ("masks_folder", ["train/gt not found (train/ holds images/, masks/, nir/; if masks/ holds the masks, rename it "
                       "gt/)"]),
     ("mixed_types", ["t003", "pixel type uint16 image + uint8 nir while 5 have uint8"]),
