@@ -354,6 +354,18 @@ def make_model(args: argparse.Namespace, data, labels, resumed, procs):
     return model, meta, weights
 
 
+def warn_large_images(sizes: list[tuple[int, int]], crop: int) -> None:
+    """Training images far larger than the crop make few, slow steps: each epoch takes one crop per image, read
+    from the whole image."""
+    import numpy as np
+
+    h, w = np.median(np.asarray(sizes), axis=0).astype(int)
+    if h * w >= 64 * crop * crop:
+        warn(f"the training images are {w}x{h} px (median), {h * w // (crop * crop)} times a {crop} px crop: an "
+             "epoch takes one crop per image, each read from its whole image; tiles train faster and see more per "
+             "epoch: make them with python dataset_utils/split_big_image_to_tiles.py (see its --help)")
+
+
 def make_loaders(args: argparse.Namespace, splits: dict, data, meta, workers: int, procs):
     """The training stream and one evaluation loader per val set, all alive for the whole run."""
     from torch.utils.data import DataLoader
@@ -447,6 +459,8 @@ def main(args: argparse.Namespace) -> int:
         splits = find_splits(args)
         data, workers = check_data(args, splits, labels, exp_dir, procs)
         model, meta, weights = make_model(args, data, labels, resumed, procs)
+        if not meta.resize:
+            warn_large_images(data.sizes["train"], meta.image_size)
         train_loader, eval_sets = make_loaders(args, splits, data, meta, workers, procs)
         trainer = Trainer(train_config(args, exp_dir, procs), model, train_loader, eval_sets, meta)
         if resumed:

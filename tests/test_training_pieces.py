@@ -14,7 +14,7 @@ from dataset import Labels
 from errors import UserError
 from losses import loss_weights
 from optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
-from train import auto_image_size, read_add_val_list
+from train import auto_image_size, read_add_val_list, warn_large_images
 from trainer import WorstImages
 
 
@@ -56,6 +56,14 @@ def test_auto_image_size():
     assert auto_image_size([(100, 300)]) == 96
     with pytest.raises(UserError, match="too small"):
         auto_image_size([(20, 20)])
+
+
+def test_images_far_larger_than_the_crop_are_pointed_to_tiling(capsys):
+    warn_large_images([(520, 696), (256, 320), (1024, 1024)], 512)
+    assert capsys.readouterr().err == ""
+    warn_large_images([(10980, 10980), (10980, 10980), (512, 512)], 512)
+    err = capsys.readouterr().err
+    assert "10980x10980 px (median), 459 times a 512 px crop" in err and "split_big_image_to_tiles.py" in err
 
 
 def test_add_val_list_names_and_relative_paths(tmp_path):
