@@ -153,13 +153,13 @@ def plan_jobs(args: argparse.Namespace, band_names: list[str], out: Path) -> lis
         seen[job.mask.name] = image
         jobs.append(job)
     outputs = [p for j in jobs for p in job_outputs(j, args)]
+    if any(p.resolve() in {j.image.resolve(), *map(Path.resolve, j.bands)} for j in jobs for p in outputs):
+        raise UserError(f"-o {out}: the masks would replace input images; choose another folder")
     existing = [p for p in outputs if p.exists()]
     if existing and not args.overwrite and not args.skip_existing:
         raise UserError(f"-o {out}: {len(existing)} output file(s) exist already, e.g. {existing[0].name}; add "
                         "--skip-existing to predict only the inputs without them (to finish a stopped run), "
                         "--overwrite to replace them, or choose another folder")
-    if any(p.resolve() in {j.image.resolve(), *map(Path.resolve, j.bands)} for j in jobs for p in outputs):
-        raise UserError(f"-o {out}: the masks would replace input images; choose another folder")
     if args.skip_existing:
         todo = [j for j in jobs if not all(p.exists() for p in job_outputs(j, args))]
         print(f"skipping {len(jobs) - len(todo)} of {len(jobs)} input(s): their outputs are in {out} already")

@@ -193,6 +193,7 @@ def test_export_refuses_a_folder_that_holds_other_files(tmp_path, ckpt):
     ("wrong pixel type", ["float32", "uint16"]),
     ("output is a file", ["-o", "a file"]),
     ("outputs exist", ["--overwrite"]),
+    ("output is the input folder", ["the masks would replace input images"]),
     ("dead links", ["zz_a.tif: is a link to /media/usb/a.tif, which does not exist", "1 more link(s)"]),
     ("dead band link", ["nir/v001.tif: is a link to /media/usb/nir.tif, which does not exist"]),
 ])
@@ -222,6 +223,9 @@ def test_bad_input_gets_one_clear_error_before_work(tmp_path, data, ckpt, how, n
     elif how == "outputs exist":
         out.mkdir()
         (out / "v000.tif").write_text("mine")
+    elif how == "output is the input folder":
+        shutil.copytree(data / "val", tmp_path / "x")
+        images = out = tmp_path / "x" / "images"
     elif how.startswith("dead"):  # a drive not mounted, git-annex files not fetched
         shutil.copytree(data / "val", tmp_path / "x")
         images = tmp_path / "x" / "images"
@@ -233,7 +237,11 @@ def test_bad_input_gets_one_clear_error_before_work(tmp_path, data, ckpt, how, n
             (tmp_path / "x" / "nir" / "v001.tif").symlink_to("/media/usb/nir.tif")
     r = predict("-m", model, "-i", images, "-o", out)
     assert_user_error(r, *needles)
-    assert not out.is_dir() or how == "outputs exist" or not list(out.iterdir())  # stopped before any work
+    if how == "output is the input folder":
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (data / "val" / "images").iterdir())
+        assert all(p.read_bytes() == (data / "val" / "images" / p.name).read_bytes() for p in out.iterdir())
+    else:
+        assert not out.is_dir() or how == "outputs exist" or not list(out.iterdir())  # stopped before any work
     if how == "outputs exist":
         assert (out / "v000.tif").read_text() == "mine"
 
