@@ -75,9 +75,9 @@ def _run(main: Callable[[], int | None]) -> None:
             raise
         _fail("the shared memory loader workers hand batches over in (/dev/shm) ran out: pass -w 0 or a smaller "
               "-w, or give the machine more shared memory (Docker: --shm-size=8g)")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if is_main_process():
-            print("interrupted", file=sys.stderr, flush=True)
+            print(str(e) or "interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
     sys.exit(code or 0)
 

@@ -432,6 +432,10 @@ def describe(args: argparse.Namespace, splits: dict, data, meta, model, weights:
 def fit(trainer, meta):
     try:
         return trainer.fit()
+    except KeyboardInterrupt:
+        saved, exp = trainer.saved_epoch, trainer.cfg.exp_dir
+        raise KeyboardInterrupt(f"interrupted: {exp / 'last.pth'} holds epoch {saved}; the same command resumes from "
+                                "there" if saved else "interrupted before the first epoch was saved") from None
     except ValueError as e:
         if "Expected more than 1 value per channel" in str(e):
             raise UserError(f"-m {meta.arch} cannot train on a batch of one sample (batch norm after global "

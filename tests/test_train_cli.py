@@ -255,6 +255,28 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         assert (a["train_loss"], a["val_miou"]) == (b["train_loss"], b["val_miou"])
 
 
+def test_ctrl_c_says_which_epoch_is_saved_and_the_same_command_resumes(tmp_path, binary_ds):
+    log = tmp_path / "logs"
+    args = [sys.executable, str(ROOT / "train.py"), "-d", str(binary_ds), "-log", str(log), *FAST, "-e", "50",
+            "--exp-name", "c"]
+    with open(tmp_path / "err", "w") as err_file:
+        p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=err_file, text=True,
+                             env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1"))
+        for line in p.stdout:
+            if line.startswith("epoch 2/50"):
+                break
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=120)
+    err = (tmp_path / "err").read_text()
+    assert p.returncode == 130 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    saved = torch.load(log / "c" / "last.pth", weights_only=True)["epoch"]
+    assert saved >= 1 and last == f"interrupted: {log / 'c' / 'last.pth'} holds epoch {saved}; the same command " \
+        "resumes from there", err
+    r = run_script("train.py", *args[2:-4], "-e", str(saved + 1), "--exp-name", "c")
+    assert r.returncode == 0 and f"resuming after epoch {saved}/{saved + 1}" in r.stdout, r.stderr
+
+
 SLOW_DISK = """
 import runpy, sys, time
 import checkpoint
