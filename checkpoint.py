@@ -115,6 +115,11 @@ def find(path: Path, flag: str) -> Path:
         return path
     found = next((path / n for n in ("best.pth", "last.pth") if (path / n).is_file()), None)
     if found is None:
+        inside = sorted((p.parent for p in path.glob("*/last.pth")), key=lambda p: (p / "last.pth").stat().st_mtime)
+        if inside:  # the log folder itself
+            names = ", ".join(p.name for p in inside[::-1][:6]) + (" ..." if len(inside) > 6 else "")
+            raise UserError(f"{flag} {path} holds {len(inside)} experiments (newest first: {names}); pass one, e.g. "
+                            f"the one trained last: {flag} {inside[-1]}")
         raise UserError(f"{flag} {path}: no best.pth or last.pth in it, nor an exported bundle's segkit.json; give a "
                         "segkit experiment folder, a checkpoint or a bundle")
     return found

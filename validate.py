@@ -90,6 +90,8 @@ def model_path(args: argparse.Namespace) -> Path:
             raise UserError(f"-m {model}: not found; give a best.pth, an experiment folder or an exported bundle")
         return model if (model / BUNDLE_META).is_file() else checkpoint.find(model, "-m")
     folder = Path(args.check_dir)
+    if folder.is_file():  # a checkpoint given where its folder was asked for: as -c takes it
+        return folder
     if not folder.is_dir():
         raise UserError(f"-cd {folder}: experiment folder not found")
     return checkpoint.find(folder, "-cd")

@@ -165,6 +165,12 @@ def test_bad_checkpoints(trained, tmp_path):
     assert_user_error(validate("-m", tmp_path, "-d", val), "-m", "no best.pth")
     assert_user_error(validate("-m", trained / "logs" / "bin", "-cd", trained / "logs" / "bin", "-d", val),
                       "give the model once")
+    for flag in ("-m", "-cd"):  # the log folder rather than an experiment in it
+        assert_user_error(validate(flag, trained / "logs", "-d", val), f"{flag} {trained / 'logs'} holds 2 "
+                          f"experiments (newest first: multi, bin); pass one, e.g. the one trained last: {flag} "
+                          f"{trained / 'logs' / 'multi'}")
+    r = validate("-cd", trained / "logs" / "bin" / "best.pth", "-d", val, "-o", tmp_path / "out", "--com")
+    assert r.returncode == 0, r.stderr  # a checkpoint given to -cd is taken as -c takes it
 
 
 def test_bad_datasets(trained, tmp_path):
