@@ -80,7 +80,11 @@ def list_images(path: Path) -> list[Path]:
     if path.is_dir():
         images = sorted(p for p in path.iterdir() if is_image_file(p))
         if not images:
-            raise UserError(f"-i {path}: no image files in this folder")
+            below = sorted((d for d in [*path.glob("*/"), *path.glob("*/*/")] if d.is_dir()
+                            and any(is_image_file(p) for p in d.iterdir())), key=lambda d: (d.name != "images", d))
+            hint = f"; image folders below it: {', '.join(map(str, below[:3]))}: pass one, e.g. -i {below[0]}" \
+                if below else ""
+            raise UserError(f"-i {path}: no image files in this folder{hint}")
         return check_links(images)
     if path.suffix.lower() == ".txt" and path.is_file():
         lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines()]

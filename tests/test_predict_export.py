@@ -194,6 +194,7 @@ def test_export_refuses_a_folder_that_holds_other_files(tmp_path, ckpt):
     ("output is a file", ["-o", "a file"]),
     ("outputs exist", ["--overwrite"]),
     ("output is the input folder", ["the masks would replace input images"]),
+    ("a split folder", ["no image files in this folder; image folders below it:", "e.g. -i ", "/val/images"]),
     ("dead links", ["zz_a.tif: is a link to /media/usb/a.tif, which does not exist", "1 more link(s)"]),
     ("dead band link", ["nir/v001.tif: is a link to /media/usb/nir.tif, which does not exist"]),
 ])
@@ -223,6 +224,8 @@ def test_bad_input_gets_one_clear_error_before_work(tmp_path, data, ckpt, how, n
     elif how == "outputs exist":
         out.mkdir()
         (out / "v000.tif").write_text("mine")
+    elif how == "a split folder":  # its images/ inside
+        images = data / "val"
     elif how == "output is the input folder":
         shutil.copytree(data / "val", tmp_path / "x")
         images = out = tmp_path / "x" / "images"
