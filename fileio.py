@@ -32,6 +32,18 @@ def is_image_file(path: Path) -> bool:
         and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def read_list(path: Path, flag: str) -> list[str]:
+    """The entries of a list file a user wrote, one per line: as Windows editors save it too (a byte-order mark,
+    CRLF), without blank lines, # comments and quotes around an entry."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{flag} {path}: not UTF-8 text; save it as UTF-8") from None
+    lines = (line.strip() for line in text.splitlines())
+    return [line[1:-1] if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'" else line
+            for line in lines if line and not line.startswith("#")]
+
+
 def dead_link(path: Path, others: int = 0) -> UserError:
     """The error for a link to a file that does not exist (others: how many more such links were found)."""
     more = f"; {others} more link(s) point nowhere too" if others else ""

@@ -22,7 +22,7 @@ import numpy as np
 
 from cli import Parser
 from errors import UserError, run_cli
-from fileio import TIFF_EXTENSIONS, dead_link, is_image_file, output_folder, write_image
+from fileio import TIFF_EXTENSIONS, dead_link, is_image_file, output_folder, read_list, write_image
 from inference import Predictor, add_prediction_flags
 from raster import RasterReader, TiledTiffWriter, check_size, extratags, nodata_pixels, tiff_header
 
@@ -87,8 +87,7 @@ def list_images(path: Path) -> list[Path]:
             raise UserError(f"-i {path}: no image files in this folder{hint}")
         return check_links(images)
     if path.suffix.lower() == ".txt" and path.is_file():
-        lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines()]
-        images = [(path.parent / s).resolve() if not Path(s).is_absolute() else Path(s) for s in lines if s]
+        images = [(path.parent / s).resolve() if not Path(s).is_absolute() else Path(s) for s in read_list(path, "-i")]
         missing = [str(p) for p in images if not is_image_file(p)]
         if missing:
             raise UserError(f"-i {path}: {len(missing)} listed file(s) are not images or do not exist, e.g. "

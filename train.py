@@ -19,6 +19,7 @@ from augmentations import PRESETS
 from cli import Parser, at_least, multiple_of_32, positive
 from dataset import check_band_names, folder_label
 from errors import UserError, run_cli, warn
+from fileio import read_list
 from losses import LOSS_NAMES
 from optim import OPTIMIZERS, SCHEDULES
 from runtime import AMP_CHOICES
@@ -216,10 +217,7 @@ def read_add_val_list(path: str) -> list[tuple[str, Path]]:
     if not file.is_file():
         raise UserError(f"--add-val-dirs {path}: file not found (a text file with one folder per line)")
     sets, seen = [], {"val"}
-    for line in file.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for line in read_list(file, "--add-val-dirs"):
         folder = Path(line) if Path(line).is_absolute() else file.parent / line
         name = "".join(c if c.isalnum() else "_" for c in folder_label(folder)) or "set"
         while name in seen:

@@ -179,6 +179,19 @@ def test_half_and_int8_bundles_report_their_agreement(tmp_path, data, ckpt, prec
     assert_user_error(r, "export.py needs onnx,", "pip install")
 
 
+def test_a_list_file_as_windows_editors_save_it(tmp_path, data, ckpt):
+    """-i list.txt: UTF-8 with a byte-order mark, CRLF, comments, a quoted path with a space; paths relative to it."""
+    folder = tmp_path / "my scenes"
+    shutil.copytree(data / "val", folder)
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(f'\ufeff# to map\r\n"my scenes/images/v000.tif"\r\n\r\n{folder}/images/v002.tif\r\n'.encode())
+    r = predict("-m", ckpt, "-i", listing, "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["v000.tif", "v002.tif"]
+    listing.write_bytes("caf\xe9.tif\r\n".encode("cp1252"))
+    assert_user_error(predict("-m", ckpt, "-i", listing, "-o", tmp_path / "out2"), "not UTF-8 text")
+
+
 def test_export_refuses_a_folder_that_holds_other_files(tmp_path, ckpt):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "notes.txt").write_text("mine")

@@ -69,7 +69,8 @@ def test_images_far_larger_than_the_crop_are_pointed_to_tiling(capsys):
 def test_add_val_list_names_and_relative_paths(tmp_path):
     (tmp_path / "lists").mkdir()
     listing = tmp_path / "lists" / "vals.txt"
-    listing.write_text("# extra sets\n../city/val\n\n/abs/winter\n../other/val\n")
+    # As Notepad saves it: byte-order mark, CRLF; a quoted path
+    listing.write_bytes('\ufeff# extra sets\r\n../city/val\r\n\r\n"/abs/winter"\r\n../other/val\r\n'.encode())
     sets = read_add_val_list(str(listing))
     assert [n for n, _ in sets] == ["city_val", "winter", "other_val"]
     assert sets[0][1] == tmp_path / "lists" / ".." / "city" / "val"
