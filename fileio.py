@@ -138,8 +138,8 @@ def unreadable(path: Path, e: Exception) -> UserError:
     """The error for a file its decoder refuses (tifffile, imagecodecs and Pillow raise many types)."""
     if "imagecodecs" in str(e):
         return UserError(f"{path}: compressed TIFF needs imagecodecs: pip install imagecodecs")
-    if _stand_in(path):
-        return UserError(f"{path}: {_stand_in(path)}")
+    if stand_in := _stand_in(path):
+        return UserError(f"{path}: {stand_in}")
     return UserError(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:120]}); the file is corrupt or not an "
                      "image: re-export it or remove this sample")
 
