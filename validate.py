@@ -113,9 +113,14 @@ def check_flags(args: argparse.Namespace, predictor) -> None:
 def check_data(data_dir: Path, predictor, workers: int) -> tuple[list, list[tuple[int, int]]]:
     """The samples and their sizes, every file read once and checked against the model: all problems together."""
     from dataset import dataset_problems, find_samples, problem_list, scan_samples, unlisted_note
+    from fileio import is_image_file
 
     if not (data_dir / "images").is_dir() and (data_dir / "val" / "images").is_dir():
         raise UserError(f"{data_dir} has no images/ folder but {data_dir / 'val'} has one: pass -d {data_dir / 'val'}")
+    if not (data_dir / "images").is_dir() and data_dir.is_dir() and any(map(is_image_file, data_dir.iterdir())):
+        raise UserError(f"-d {data_dir} holds images itself, not in an images/ folder: move them into "
+                        f"{data_dir / 'images'} (their masks into gt/), or map them with python predict.py -m MODEL "
+                        f"-i {data_dir} -o OUTPUT_DIR")
     meta = predictor.meta
     samples = find_samples(data_dir, meta.add_dirs, masks="optional")
     infos = scan_samples(samples, with_stats=False, workers=max(1, workers), desc="checking")

@@ -178,6 +178,10 @@ def test_bad_datasets(trained, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_user_error(validate("-cd", exp, "-d", empty), "images", "not found")
+    loose = tmp_path / "loose"  # images straight in the folder
+    shutil.copytree(trained / "bin" / "val" / "images", loose)
+    assert_user_error(validate("-cd", exp, "-d", loose), f"-d {loose} holds images itself, not in an images/ folder",
+                      f"predict.py -m MODEL -i {loose}")
     no_band = tmp_path / "no_band"
     shutil.copytree(trained / "bin" / "val", no_band)
     shutil.rmtree(no_band / "nir")
