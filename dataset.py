@@ -25,6 +25,7 @@ IGNORE_INDEX = 255  # class index of ignored pixels (--ignore-label, padding, fi
 MAX_CLASSES = 254
 MAX_LISTED = 6  # problems / files shown per message before "... and N more"
 RESERVED_FOLDERS = ("images", "gt")
+CHECK_RULES = 2  # raised when check_splits learns new rules: datasets checked by older rules are checked again
 
 
 def _more(items: list, n: int = MAX_LISTED) -> str:
@@ -598,7 +599,8 @@ def checked_splits(splits: dict[str, list[Sample]], labels: Labels, add_dirs: li
                    workers: int) -> DataSummary:
     """check_splits, remembered in cache_dir under a key of the files' names, sizes and times, the labels and the
     bands: an unchanged dataset is not read again, when an experiment resumes or a new one trains on it."""
-    key = fingerprint([s for ss in splits.values() for s in ss]) + json.dumps([labels.to_meta(), add_dirs])
+    key = fingerprint([s for ss in splits.values() for s in ss]) + json.dumps([labels.to_meta(), add_dirs,
+                                                                               CHECK_RULES])
     cache = Path(cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.json"
     try:
         saved = json.loads(cache.read_text(encoding="utf-8"))

@@ -129,6 +129,18 @@ def test_masks_under_another_folder_name_are_pointed_at(tmp_path):
     assert masks_elsewhere(tmp_path / "train", ["nir"]) == ""
 
 
+def test_a_dataset_check_is_remembered_until_its_files_or_the_rules_change(tmp_path, monkeypatch, capsys):
+    import dataset
+
+    make_dataset(tmp_path / "ds", n_train=2, n_val=1, size=(16, 16))
+    splits = {name: find_samples(tmp_path / "ds" / name, []) for name in ("train", "val")}
+    labels = Labels.from_args(None, None, None)
+    for rules, checked in ((dataset.CHECK_RULES, True), (dataset.CHECK_RULES, False), (dataset.CHECK_RULES + 1, True)):
+        monkeypatch.setattr(dataset, "CHECK_RULES", rules)
+        summary = dataset.checked_splits(splits, labels, [], tmp_path / "cache", workers=1)
+        assert ("checking 3 samples" in capsys.readouterr().out) == checked and summary.sizes["train"] == [(16, 16)] * 2
+
+
 def test_masks_0_1_suggest_class_list(tmp_path):
     make_dataset(tmp_path, n_train=3, values=(1,))
     infos = scan_samples(find_samples(tmp_path / "train", []), with_stats=False, workers=0)
