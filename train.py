@@ -250,7 +250,6 @@ def no_train_folder(root: Path) -> str:
 def find_splits(args: argparse.Namespace) -> dict[str, list]:
     """The paired samples of train/ and of every val set, keyed by set name ("train", "val", extra sets)."""
     from dataset import find_samples
-    from errors import warn
 
     root = Path(args.dataset_dir)
     if root.is_file():
