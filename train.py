@@ -435,8 +435,13 @@ def fit(trainer, meta):
                                 "there" if saved else "interrupted before the first epoch was saved") from None
     except ValueError as e:
         if "Expected more than 1 value per channel" in str(e):
-            raise UserError(f"-m {meta.arch} cannot train on a batch of one sample (batch norm after global "
-                            "pooling); use -b 2 or more") from None
+            sampler = trainer.train_loader.batch_sampler
+            if sampler.size < 2 * sampler.world:  # one sample per process, whatever -b says
+                raise UserError(f"the training set holds {sampler.size} sample(s), so its batches hold one, which -m "
+                                f"{meta.arch} cannot train on (batch norm); add training images, or tile large ones "
+                                "with dataset_utils/split_big_image_to_tiles.py") from None
+            raise UserError(f"-m {meta.arch} cannot train on a batch of one sample (batch norm); use -b 2 or "
+                            "more") from None
         raise
 
 

@@ -425,6 +425,12 @@ def test_bad_data_gets_one_clear_error(tmp_path, how, needles):
     assert not (tmp_path / "logs" / "bad").exists()  # nothing half-made
 
 
+def test_a_single_training_image_is_named_as_the_cause_of_batches_of_one(tmp_path):
+    ds = make_dataset(tmp_path / "ds", n_train=1, n_val=1)  # -b 2, but one sample: a 1x1 bottleneck at 32 px
+    assert_user_error(train(ds, tmp_path / "logs"), "the training set holds 1 sample(s), so its batches hold one",
+                      "add training images")
+
+
 def test_masks_0_1_name_the_class_list(tmp_path):
     ds = make_dataset(tmp_path / "ds", values=(1,))
     assert_user_error(train(ds, tmp_path / "logs"), '--class-list "1"')
