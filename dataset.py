@@ -502,6 +502,17 @@ def zero_listed_note(labels: Labels, class_pixels: list[int]) -> str | None:
             f"that never occurs; if 0 is the background of your masks, leave it out: {fix}")
 
 
+def constant_channel_note(stats: "ChannelStats", add_dirs: list[str]) -> str | None:
+    """Channels that hold one value in every training pixel (an opaque alpha channel, an empty band): they teach
+    the model nothing, yet every image it later predicts must bring them."""
+    names = [f"image channel {c + 1}" for c in range(len(stats.min) - len(add_dirs))] + [f"band {b}" for b in add_dirs]
+    flat = [f"{name} is {lo:g}" for name, lo, hi in zip(names, stats.min, stats.max, strict=True) if lo == hi]
+    if not flat:
+        return None
+    return (f"{', '.join(flat)} in every training pixel (an opaque alpha channel? an empty band?): the model learns "
+            "nothing from it, but every image it predicts later must bring it too; save the images without it")
+
+
 @dataclass
 class ChannelStats:
     mean: list[float]

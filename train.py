@@ -281,7 +281,7 @@ def find_splits(args: argparse.Namespace) -> dict[str, list]:
 def check_data(args: argparse.Namespace, splits: dict, labels, exp_dir: Path, procs):
     """Every file checked and the training set measured, once per dataset (the check is cached in the log folder):
     under torchrun, process 0 reads the data while the others wait for its summary."""
-    from dataset import checked_splits, zero_listed_note
+    from dataset import checked_splits, constant_channel_note, zero_listed_note
     from runtime import default_workers
 
     workers = args.workers if args.workers is not None else default_workers(procs.device, procs.world)
@@ -289,9 +289,10 @@ def check_data(args: argparse.Namespace, splits: dict, labels, exp_dir: Path, pr
     if procs.main:
         data = checked_splits(splits, labels, args.add_dirs.split(), Path(args.log_dir) / ".dataset-checks",
                               max(1, workers))
-        note = zero_listed_note(labels, data.stats.class_pixels)
-        if note:
-            warn(note)
+        for note in (zero_listed_note(labels, data.stats.class_pixels),
+                     constant_channel_note(data.stats, args.add_dirs.split())):
+            if note:
+                warn(note)
         exp_dir.mkdir(parents=True, exist_ok=True)  # the experiment folder appears once its data is sound
         for stale in exp_dir.glob(".*.tmp"):  # left by a run killed while writing
             stale.unlink()

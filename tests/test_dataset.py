@@ -1,14 +1,18 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from conftest import make_dataset
 
 from dataset import (
     IGNORE_INDEX,
+    ChannelStats,
     Labels,
     SegmentationDataset,
     channel_stats,
     check_band_names,
     check_splits,
+    constant_channel_note,
     dataset_problems,
     find_samples,
     mask_to_2d,
@@ -139,6 +143,14 @@ def test_a_dataset_check_is_remembered_until_its_files_or_the_rules_change(tmp_p
         monkeypatch.setattr(dataset, "CHECK_RULES", rules)
         summary = dataset.checked_splits(splits, labels, [], tmp_path / "cache", workers=1)
         assert ("checking 3 samples" in capsys.readouterr().out) == checked and summary.sizes["train"] == [(16, 16)] * 2
+
+
+def test_channels_without_information_are_named():
+    stats = ChannelStats(mean=[0.3, 0.4, 0.5, 255, 0], std=[0.1, 0.1, 0.1, 0, 0], min=[0, 0, 0, 255, 0],
+                         max=[1, 1, 1, 255, 0], class_pixels=[10, 5])
+    note = constant_channel_note(stats, ["nir"])
+    assert note.startswith("image channel 4 is 255, band nir is 0 in every training pixel (an opaque alpha channel?")
+    assert constant_channel_note(replace(stats, min=[0] * 5, max=[1] * 5), ["nir"]) is None
 
 
 def test_masks_0_1_suggest_class_list(tmp_path):
