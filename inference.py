@@ -384,8 +384,11 @@ class Predictor:
         if channels != meta.in_channels:
             bands = f" (image channels + {len(meta.add_dirs)} band(s): {', '.join(meta.add_dirs)})" if \
                 meta.add_dirs else ""
+            given, trained = channels - len(meta.add_dirs), meta.in_channels - len(meta.add_dirs)
+            hint = {(4, 3): " (an alpha channel? save them as RGB)", (3, 1): " (colour for grey: convert them to grey)",
+                    (1, 3): " (grey for colour: the model needs colour images)"}.get((given, trained), "")
             return (f"{name}: {channels} channel(s), but the model was trained on {meta.in_channels}{bands}; give "
-                    "images with the training layout")
+                    f"images with the training layout{hint}")
         if dtype == meta.dtype:
             return None
         lo, hi = min(meta.stats.min), max(meta.stats.max)

@@ -146,7 +146,11 @@ def test_settings_are_checked():
 
 def test_input_problems_name_the_file():
     p = predictor(Constant())
-    assert "4 channel(s)" in p.input_problem("a.tif", 4, "float32")
+    assert p.input_problem("a.tif", 4, "float32") == ("a.tif: 4 channel(s), but the model was trained on 3; give "
+                                                      "images with the training layout (an alpha channel? save them "
+                                                      "as RGB)")
+    assert p.input_problem("a.tif", 1, "float32").endswith("(grey for colour: the model needs colour images)")
+    assert p.input_problem("a.tif", 2, "float32").endswith("with the training layout")
     assert p.input_problem("a.tif", 3, "float32") is None
     assert "uint16" in p.input_problem("a.tif", 3, "uint16", 0, 5000)  # far outside the training range 0..1
     assert p.input_problem("a.tif", 3, "float64", 0.0, 1.0) is None  # another type, same range: a warning
