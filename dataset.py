@@ -415,9 +415,11 @@ def dataset_problems(infos: list[SampleInfo], labels: Labels | None, split: str,
             common = max(groups, key=lambda k: len(groups[k]))
             for value, members in groups.items():
                 if value != common:
+                    alpha = " (an alpha channel? save them without it)" if attr == "channels" and value == common + 1 \
+                        else ""
                     problems.append(f"{split}: {len(members)} image(s) have {what.format(value)} while "
                                     f"{len(groups[common])} have {common}: {_more([m.image for m in members])}; "
-                                    "convert them so every image has the same layout")
+                                    f"convert them so every image has the same layout{alpha}")
     if labels is not None:
         problems += label_problems(ok, labels, split, trained=trained)
     return problems

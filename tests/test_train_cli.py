@@ -357,6 +357,8 @@ def break_dataset(ds, how):
         write_image(tr / "gt" / "t003.png", np.stack([m, m * 0, m * 0], axis=2))
     elif how == "mixed_channels":
         write_image(tr / "images" / "t003.png", np.zeros((48, 64), np.uint8))
+    elif how == "alpha_channel":
+        write_image(tr / "images" / "t003.png", np.zeros((48, 64, 4), np.uint8))
     elif how == "val_channels":
         write_image(ds / "val" / "images" / "v001.png", np.zeros((48, 64), np.uint8))
     elif how == "masks_suffixed":
@@ -402,6 +404,7 @@ def break_dataset(ds, how):
     ("mask_value", ["t003", "128", '--class-list "128 255"', "--ignore-label"]),
     ("rgb_mask", ["t003", "colour"]),
     ("mixed_channels", ["t003", "2 channels", "while 5 have 4"]),
+    ("alpha_channel", ["t003", "5 channels", "while 5 have 4", "(an alpha channel? save them without it)"]),
     ("val_channels", ["v001", "differ from the training images"]),
     ("masks_suffixed", ["train/gt", "'_mask' after it", "t000_mask.png -> t000.png"]),
     ("bands_prefixed", ["val/nir", "'nir_' before it", "nir_v000.png -> v000.png"]),
