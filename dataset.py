@@ -425,10 +425,18 @@ def dataset_problems(infos: list[SampleInfo], labels: Labels | None, split: str,
     return problems
 
 
-def smoothed(labels: Labels, unlisted: list[int]) -> bool:
-    """Binary masks whose edges were blurred (resized with interpolation, drawn anti-aliased): many values between
-    background and the class value, which no --class-list would mean."""
-    return labels.binary and len(unlisted) > 10 and all(0 < v < labels.values[0] for v in unlisted)
+def smoothed(labels: Labels, infos: list[SampleInfo]) -> bool:
+    """Binary masks whose edges were blurred (resized with interpolation, drawn anti-aliased): besides background
+    and the class value, many values between them, spread over that range and covering few pixels (edges). Label
+    values of more classes (1..20 with 255 as void, say) are few, small and cover much."""
+    if not labels.binary:
+        return False
+    top, counts = labels.values[0], Counter()
+    for i in infos:
+        counts.update(i.mask_values)
+    between = [v for v in counts if 0 < v < top]
+    return (len(between) > 10 and counts[0] > 0 and counts[top] > 0 and min(between) < top / 2 < max(between)
+            and sum(counts[v] for v in between) < 0.2 * sum(counts.values()))
 
 
 def label_problems(infos: list[SampleInfo], labels: Labels, split: str, other_fix: str = "",
@@ -449,7 +457,7 @@ def label_problems(infos: list[SampleInfo], labels: Labels, split: str, other_fi
                         " save the masks as PNG or TIFF, which keep exact values")
         odd = {mask: values for mask, values in odd.items() if mask not in jpeg}
     unlisted = sorted({v for values in odd.values() for v in values})
-    if unlisted and labels.strict and smoothed(labels, unlisted):
+    if unlisted and labels.strict and smoothed(labels, infos):
         top, first = labels.values[0], next(iter(odd))
         problems.append(f"{split} masks are not binary: besides 0 and {top} they hold {len(unlisted)} in-between "
                         f"values ({_more(unlisted)}) in {len(odd)} file(s), e.g. {first}: edges smoothed by resizing "
@@ -585,7 +593,7 @@ def check_splits(splits: dict[str, list[Sample]], labels: Labels, workers: int) 
     found = labels.suggested({v for i in train_ok for v in i.mask_values})
     unlisted = sorted(set(found) - labels.known())
     others = replace(labels, values=found, flag=f"--class-list {' '.join(map(str, found))}") \
-        if labels.strict and unlisted and not smoothed(labels, unlisted) else labels
+        if labels.strict and unlisted and not smoothed(labels, train_ok) else labels
     problems = [p for name, split_infos in infos.items()
                 for p in dataset_problems(split_infos, labels if name == "train" else others, name)]
     layout = Counter((i.channels, i.types) for i in train_ok).most_common(1)[0][0] if train_ok else None

@@ -8,6 +8,7 @@ from dataset import (
     IGNORE_INDEX,
     ChannelStats,
     Labels,
+    SampleInfo,
     SegmentationDataset,
     channel_stats,
     check_band_names,
@@ -19,6 +20,7 @@ from dataset import (
     masks_elsewhere,
     read_sample,
     scan_samples,
+    smoothed,
     zero_listed_note,
 )
 from errors import UserError
@@ -151,6 +153,19 @@ def test_channels_without_information_are_named():
     note = constant_channel_note(stats, ["nir"])
     assert note.startswith("image channel 4 is 255, band nir is 0 in every training pixel (an opaque alpha channel?")
     assert constant_channel_note(replace(stats, min=[0] * 5, max=[1] * 5), ["nir"]) is None
+
+
+def test_blurred_binary_masks_are_told_from_label_values_of_more_classes():
+    def info(values: dict) -> SampleInfo:
+        return SampleInfo("s", "s.png", "s.png", mask_values=values)
+
+    labels = Labels.from_args(None, None, None)
+    edges = dict.fromkeys(range(8, 250, 16), 3)  # 16 values along the edges, few pixels each
+    assert smoothed(labels, [info({0: 3000, 255: 1000, **edges})])
+    voc = dict.fromkeys(range(1, 21), 400)  # classes 1..20 with 255 as void: small values, many pixels
+    assert not smoothed(labels, [info({0: 3000, 255: 300, **voc})])
+    assert not smoothed(labels, [info({0: 3000, **edges})])  # no class value: not binary masks at all
+    assert not smoothed(Labels.from_args("1 2", None, None), [info({0: 3000, 255: 1000, **edges})])
 
 
 def test_masks_0_1_suggest_class_list(tmp_path):
