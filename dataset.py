@@ -466,8 +466,8 @@ def label_problems(infos: list[SampleInfo], labels: Labels, split: str, other_fi
                         f"\"1-{top // 2}:0 {top // 2 + 1}-{top - 1}:{top}\"")
     elif unlisted and labels.strict:
         suggestion = " ".join(map(str, labels.suggested(found)))
-        hint = (" (many in-between values: JPEG or anti-aliased masks? save masks as PNG with exact values)"
-                if len(unlisted) > 10 else "")
+        hint = (" (many values spread over the range: JPEG or anti-aliased masks? save masks as PNG with exact "
+                "values)" if len(unlisted) > 10 and unlisted[-1] - unlisted[0] >= 128 else "")
         where = _more([f"{mask} ({_more(values, 4)})" for mask, values in odd.items()], 4)
         if trained:
             return [*problems, f"{split} mask values {_more(unlisted)} are unknown to the model, which was trained "

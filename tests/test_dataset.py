@@ -166,6 +166,8 @@ def test_blurred_binary_masks_are_told_from_label_values_of_more_classes():
     assert not smoothed(labels, [info({0: 3000, 255: 300, **voc})])
     assert not smoothed(labels, [info({0: 3000, **edges})])  # no class value: not binary masks at all
     assert not smoothed(Labels.from_args("1 2", None, None), [info({0: 3000, 255: 1000, **edges})])
+    (voc_problem,) = dataset_problems([info({0: 3000, 255: 300, **voc})], labels, "train")
+    assert '--class-list "1 2 3' in voc_problem and "JPEG" not in voc_problem and "not binary" not in voc_problem
 
 
 def test_masks_0_1_suggest_class_list(tmp_path):
