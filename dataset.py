@@ -40,6 +40,14 @@ def problem_list(head: str, problems: list[str], shown: int = 20) -> UserError:
     return UserError(head + "\n  " + "\n  ".join(problems[:shown]) + rest)
 
 
+def raise_problems(problems: list[str], where: str) -> None:
+    """The problems found in `where` as one error, if any: a single one as it is, several under their count."""
+    if len(problems) > 1:
+        raise problem_list(f"{len(problems)} problems in {where}:", problems)
+    if problems:
+        raise UserError(problems[0])
+
+
 # --------------------------------------------------------------------------------------------- finding files
 @dataclass
 class Sample:
@@ -602,10 +610,7 @@ def check_splits(splits: dict[str, list[Sample]], labels: Labels, workers: int) 
         if layout and name != "train" and odd:
             problems.append(f"{name}: {len(odd)} image(s) differ from the training images ({layout[0]} channels, "
                             f"{layout[1]}): {_more(odd, 4)}; convert them to the training layout")
-    if len(problems) > 1:
-        raise problem_list(f"{len(problems)} problems in the dataset:", problems)
-    if problems:
-        raise UserError(problems[0])
+    raise_problems(problems, "the dataset")
     for name, split_infos in infos.items():
         note = unlisted_note(split_infos, labels, name)
         if note:

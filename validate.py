@@ -112,7 +112,7 @@ def check_flags(args: argparse.Namespace, predictor) -> None:
 
 def check_data(data_dir: Path, predictor, workers: int) -> tuple[list, list[tuple[int, int]]]:
     """The samples and their sizes, every file read once and checked against the model: all problems together."""
-    from dataset import dataset_problems, find_samples, problem_list, scan_samples, unlisted_note
+    from dataset import dataset_problems, find_samples, raise_problems, scan_samples, unlisted_note
     from fileio import is_image_file
 
     if not (data_dir / "images").is_dir() and (data_dir / "val" / "images").is_dir():
@@ -134,10 +134,7 @@ def check_data(data_dir: Path, predictor, workers: int) -> tuple[list, list[tupl
         problem = predictor.input_problem(group[0].image + (f" (and {len(group) - 1} more)" if len(group) > 1
                                                             else ""), channels, dtype, low, high)
         problems += [problem] if problem else []
-    if len(problems) > 1:
-        raise problem_list(f"{len(problems)} problems in {data_dir}:", problems)
-    if problems:
-        raise UserError(problems[0])
+    raise_problems(problems, str(data_dir))
     note = unlisted_note(infos, meta.labels, data_dir.name) if labels else None
     if note:
         print(note)
