@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dataset import ChannelStats, Labels
-from errors import UserError
+from errors import UserError, note
 from fileio import as_disk_error, atomic_output
 
 FORMAT = "segkit-checkpoint"
@@ -43,6 +43,7 @@ class ModelMeta:
     resize: bool
     val_tile_size: int  # validation predicts images up to this size whole, larger ones in tiles of it
     threshold: float = 0.5  # binary decision threshold (validate.py --save-threshold tunes it)
+    types: str = ""  # the training files' own pixel types where they differ: "uint16 image + uint8 nir"
     weights: str = ""  # where the initial weights came from
     train_args: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
@@ -74,7 +75,8 @@ class ModelMeta:
                        add_dirs=list(d["add_dirs"]), stats=ChannelStats(**d["stats"]), dtype=d["dtype"],
                        image_size=int(d["image_size"]), resize=bool(d["resize"]),
                        val_tile_size=int(d.get("val_tile_size", d["image_size"])),
-                       threshold=float(d.get("threshold", 0.5)), weights=d.get("weights", ""),
+                       threshold=float(d.get("threshold", 0.5)), types=str(d.get("types", "")),
+                       weights=d.get("weights", ""),
                        train_args=dict(d.get("train_args", {})), versions=dict(d.get("versions", {})),
                        created=d.get("created", ""))
         except (KeyError, TypeError, ValueError) as e:
@@ -122,6 +124,8 @@ def find(path: Path, flag: str) -> Path:
                             f"the one trained last: {flag} {inside[-1]}")
         raise UserError(f"{flag} {path}: no best.pth or last.pth in it, nor an exported bundle's segkit.json; give a "
                         "segkit experiment folder, a checkpoint or a bundle")
+    if found.name == "last.pth":
+        note(f"{path} has no best.pth (no epoch was validated yet); using last.pth, the latest epoch's weights")
     return found
 
 

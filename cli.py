@@ -42,6 +42,15 @@ def at_least(minimum: float, kind=int):
     return parse
 
 
+def pixel_count(text: str) -> int:
+    """An argparse type: a number of pixels, at least one, with an optional suffix k, M or G (100M)."""
+    scale = {"k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9}.get(text[-1:].lower(), 1)
+    value = _number(float, text[:-1] if scale > 1 else text) * scale
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 pixel, got {text}")
+    return int(value)
+
+
 def positive(text: str) -> float:
     """An argparse type: a finite number above 0."""
     value = _number(float, text)

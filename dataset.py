@@ -18,34 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import UserError
+from errors import UserError, problem_list, raise_problems
 from fileio import IMAGE_EXTENSIONS, is_image_file, read_image, write_text
 
 IGNORE_INDEX = 255  # class index of ignored pixels (--ignore-label, padding, fill of rotated corners)
 MAX_CLASSES = 254
 MAX_LISTED = 6  # problems / files shown per message before "... and N more"
 RESERVED_FOLDERS = ("images", "gt")
-CHECK_RULES = 2  # raised when check_splits learns new rules: datasets checked by older rules are checked again
+CHECK_RULES = 3  # raised when check_splits learns new rules: datasets checked by older rules are checked again
 
 
 def _more(items: list, n: int = MAX_LISTED) -> str:
     shown = ", ".join(str(i) for i in items[:n])
     return shown + (f" ... and {len(items) - n} more" if len(items) > n else "")
-
-
-def problem_list(head: str, problems: list[str], shown: int = 20) -> UserError:
-    """One error for several problems: the head, then one line each, up to `shown` of them (a folder of a thousand
-    bad files shows the pattern, not a thousand lines)."""
-    rest = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
-    return UserError(head + "\n  " + "\n  ".join(problems[:shown]) + rest)
-
-
-def raise_problems(problems: list[str], where: str) -> None:
-    """The problems found in `where` as one error, if any: a single one as it is, several under their count."""
-    if len(problems) > 1:
-        raise problem_list(f"{len(problems)} problems in {where}:", problems)
-    if problems:
-        raise UserError(problems[0])
 
 
 # --------------------------------------------------------------------------------------------- finding files
@@ -582,6 +567,7 @@ class DataSummary:
     stats: ChannelStats
     sizes: dict[str, list[tuple[int, int]]]  # split -> (height, width) per sample, in sample order
     seconds: float
+    types: str = ""  # the files' own pixel types where they differ: "uint16 image + uint8 nir"
 
     @property
     def rgb8(self) -> bool:
@@ -618,7 +604,7 @@ def check_splits(splits: dict[str, list[Sample]], labels: Labels, workers: int) 
     dtype = next(i.dtype for i in train_ok if (i.channels, i.types) == layout)
     return DataSummary(layout[0], dtype, channel_stats(infos["train"], labels),
                        {name: [(i.height, i.width) for i in split_infos] for name, split_infos in infos.items()},
-                       round(time.monotonic() - t0, 2))
+                       round(time.monotonic() - t0, 2), layout[1] if " + " in layout[1] else "")
 
 
 def checked_splits(splits: dict[str, list[Sample]], labels: Labels, add_dirs: list[str], cache_dir: Path,
@@ -635,7 +621,8 @@ def checked_splits(splits: dict[str, list[Sample]], labels: Labels, add_dirs: li
     if saved.get("key") == key:
         data = saved["data"]
         return DataSummary(data["channels"], data["dtype"], ChannelStats(**data["stats"]),
-                           {k: [tuple(s) for s in v] for k, v in data["sizes"].items()}, data["seconds"])
+                           {k: [tuple(s) for s in v] for k, v in data["sizes"].items()}, data["seconds"],
+                           data.get("types", ""))
     summary = check_splits(splits, labels, workers)
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_text(cache, json.dumps({"key": key, "data": asdict(summary)}))

@@ -22,6 +22,21 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def problem_list(head: str, problems: list[str], shown: int = 20) -> UserError:
+    """One error for several problems: the head, then one line each, up to `shown` of them (a folder of a thousand
+    bad files shows the pattern, not a thousand lines)."""
+    rest = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
+    return UserError(head + "\n  " + "\n  ".join(problems[:shown]) + rest)
+
+
+def raise_problems(problems: list[str], where: str) -> None:
+    """The problems found in `where` as one error, if any: a single one as it is, several under their count."""
+    if len(problems) > 1:
+        raise problem_list(f"{len(problems)} problems in {where}:", problems)
+    if problems:
+        raise UserError(problems[0])
+
+
 _warned: set[str] = set()
 
 
@@ -30,6 +45,13 @@ def warn(message: str) -> None:
     if is_main_process() and message not in _warned:
         _warned.add(message)
         print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def note(message: str) -> None:
+    """A choice segkit made for the user: one `note:` line, once per process."""
+    if is_main_process() and message not in _warned:
+        _warned.add(message)
+        print(f"note: {message}", flush=True)
 
 
 def require(script: str, modules: tuple[str, ...], fix: str = "pip install -r requirements.txt") -> None:

@@ -12,7 +12,6 @@ values, bands, normalisation, threshold, tile size, the training data's pixel ty
 """
 import argparse
 import errno
-import json
 import logging
 import time
 import warnings
@@ -20,14 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+import bundle
 from cli import Parser, at_least
 from errors import UserError, require, run_cli
 from fileio import as_disk_error, is_image_file, publish_folder, scratch_folder
-from inference import BUNDLE_META, Predictor
+from inference import Predictor
 
-BUNDLE_FORMAT = "segkit-bundle"
 FIXED_STEP = 192  # fixed-size exports: a multiple of 32 x 6
-BUNDLE_FILES = {"model.onnx", "model.onnx.data", BUNDLE_META}
 CHECK_IMAGES = 8  # images (at most) for --check and --int8 calibration
 
 
@@ -57,7 +55,7 @@ def bundle_target(path: Path, overwrite: bool) -> Path:
     if path.exists() and not path.is_dir():
         raise UserError(f"-o {path} is a file; give a folder for the bundle")
     if path.is_dir() and any(path.iterdir()):
-        ours = (path / BUNDLE_META).is_file() and {p.name for p in path.iterdir()} <= BUNDLE_FILES
+        ours = (path / bundle.META).is_file() and {p.name for p in path.iterdir()} <= bundle.FILES
         if not (ours and overwrite):
             why = "holds a bundle already: add --overwrite to replace it" if ours else \
                 "is not empty and holds more than a bundle: choose a new folder"
@@ -162,24 +160,10 @@ def write_meta(folder: Path, meta, precision: str, opset: int, fixed_size: int |
     import onnxruntime
     import torch
 
-    from checkpoint import SEGKIT_VERSION
     from model import min_input_size
 
-    info = {"format": BUNDLE_FORMAT, "version": 1, "model": "model.onnx", "precision": precision, "opset": opset,
-            "input": {"name": "image", "layout": "NCHW", "dtype": "float32",
-                      "values": f"raw pixel values as the training images stored them ({meta.dtype}); the model "
-                                "normalises them"},
-            "output": {"name": "logits", "layout": "NCHW",
-                       "activation": "sigmoid" if meta.binary else "softmax over the classes"},
-            "min_size": min_input_size(meta.arch), "fixed_size": fixed_size,
-            "classes": [{"name": n, "value": int(v)} for n, v in zip(meta.class_names,
-                                                                       meta.labels.label_values(), strict=True)],
-            "bands": ["image channels", *meta.add_dirs], "threshold": meta.threshold,
-            "tile_size": meta.val_tile_size,
-            "versions": {"segkit": SEGKIT_VERSION, "torch": torch.__version__, "onnx": onnx.__version__,
-                         "onnxruntime": onnxruntime.__version__},
-            "exported": time.strftime("%Y-%m-%dT%H:%M:%S"), "meta": meta.to_dict()}
-    (folder / BUNDLE_META).write_text(json.dumps(info, indent=1), encoding="utf-8")
+    bundle.write(folder, meta, precision, opset, fixed_size, min_input_size(meta.arch),
+                 {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__})
 
 
 # ------------------------------------------------------------------------------------------------------- check
@@ -236,7 +220,7 @@ def main() -> None:
     from model import Segmenter, model_from_meta
 
     source = Path(args.model)
-    if (source if source.is_dir() else source.parent).joinpath(BUNDLE_META).is_file() and source.suffix != ".pth":
+    if source.suffix != ".pth" and (source if source.is_dir() else source.parent).joinpath(bundle.META).is_file():
         raise UserError(f"-m {source} is an exported bundle already; export from the checkpoint it was made from "
                         "(best.pth or its experiment folder)")
     ckpt_path = checkpoint.find(source, "-m")
@@ -257,7 +241,7 @@ def main() -> None:
         write_meta(tmp, meta, precision, args.opset, fixed)
         passed, report = compare(model, meta, tmp, images, precision) if args.check else (True, "")
         if target.is_dir() and args.overwrite:  # only bundle files, as bundle_target made sure
-            for name in BUNDLE_FILES:
+            for name in bundle.FILES:
                 (target / name).unlink(missing_ok=True)
         publish_folder(tmp, target)
     size = f"; input fixed at {fixed}x{fixed}, larger images are tiled" if fixed else ""

@@ -6,10 +6,15 @@ else through OpenCV's imdecode/imencode on bytes, so paths with non-ASCII charac
 """
 import contextlib
 import errno
+import io
+import logging
+import mmap
 import os
 import shutil
+import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -21,7 +26,12 @@ from errors import UserError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 TIFF_EXTENSIONS = (".tif", ".tiff")
 
-cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # we report broken files ourselves
+# OpenCV refuses to decode larger images (its default, unless OPENCV_IO_MAX_IMAGE_PIXELS says otherwise).
+CV2_MAX_PIXELS = int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", 2 ** 30))
+JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # SOFn markers
+
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # we report broken files ourselves
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # its notes on damaged tags: we report those files ourselves
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -67,15 +77,139 @@ def _stand_in(path: Path) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------------------------------------- headers
+@dataclass
+class ImageHeader:
+    """What an image file declares in its header, read without decoding a pixel: the size and type of the array
+    read_image would return (bands None where only decoding tells, e.g. palette PNGs)."""
+    path: Path
+    height: int
+    width: int
+    bands: int | None
+    dtype: np.dtype
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+    def size(self) -> str:
+        return f"{self.width} x {self.height} px ({self.pixels / 1e6:,.1f} Mpx)"
+
+
+def image_header(path: Path, data: bytes | np.ndarray | None = None) -> ImageHeader | None:
+    """The header of a PNG, JPEG, BMP or TIFF file (or of its bytes, `data`), None where there is none to read.
+    A header whose parts point past the file's end (a chunk that claims 2 GB in a 3 KB PNG) is damaged: a
+    UserError, before any decoder allocates what it claims."""
+    path = Path(path)
+    if data is not None:
+        view = memoryview(data).cast("B")
+        return _header(path, view, lambda: io.BytesIO(view))
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return None
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:  # the file's bytes, read only where looked at
+            view = memoryview(m)
+            try:
+                return _header(path, view, lambda: path)
+            finally:
+                view.release()
+
+
+def _header(path: Path, data: memoryview, tiff_source: Callable) -> ImageHeader | None:
+    head = bytes(data[:8])
+    try:
+        if head == b"\x89PNG\r\n\x1a\n":
+            return _png_header(path, data)
+        if head.startswith(b"\xff\xd8"):
+            return _jpeg_header(path, data)
+        if head.startswith(b"BM") and len(data) >= 30:
+            width, height = struct.unpack_from("<ii", data, 18)
+            return ImageHeader(path, abs(height), width, None, np.dtype(np.uint8)) if width > 0 else None
+        if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+            return _tiff_header(path, tiff_source(), len(data))
+    except (struct.error, IndexError):
+        raise damaged(path, "its header is cut short") from None
+    return None
+
+
+def _png_header(path: Path, data: memoryview) -> ImageHeader:
+    if bytes(data[8:16]) != b"\x00\x00\x00\rIHDR":
+        raise damaged(path, "its first chunk is not the IHDR header")
+    width, height, depth, color = struct.unpack_from(">IIBB", data, 16)
+    pos = 8
+    while pos < len(data):  # every chunk must lie inside the file
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if pos + 12 + length > len(data):
+            name = kind.decode("latin-1") if kind.isalpha() else "a"
+            raise damaged(path, f"{name} chunk claims {length:,} bytes, but the file ends "
+                                f"{max(0, len(data) - pos - 12):,} bytes later: cut short or damaged")
+        pos += 12 + length
+        if kind == b"IEND":
+            break
+    bands = {0: 1, 2: 3, 4: 2, 6: 4}.get(color)  # palette (3): colours, with or without transparency
+    return ImageHeader(path, height, width, bands, np.dtype(np.uint16 if depth == 16 else np.uint8))
+
+
+def _jpeg_header(path: Path, data: memoryview) -> ImageHeader | None:
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF or 0xD0 <= marker <= 0xD8 or marker == 0x01:  # fill bytes and markers without a length
+            pos += 1 if marker == 0xFF else 2
+            continue
+        if marker in JPEG_FRAMES:
+            height, width, components = struct.unpack_from(">HHB", data, pos + 5)
+            return ImageHeader(path, height, width, 1 if components == 1 else 3, np.dtype(np.uint8)) \
+                if height else None
+        pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+    return None
+
+
+def _tiff_header(path: Path, source, size: int) -> ImageHeader | None:
+    try:
+        with tifffile.TiffFile(source) as tif:
+            series = tif.series[0]
+            shape, axes, dtype = series.shape, series.axes, series.dtype
+            problems = [tiff_segments_problem(page, size) for page in series.pages if page is not None]
+    except Exception:  # noqa: BLE001 -- tags that do not parse: reading the file says why
+        return None
+    if any(problems):
+        raise damaged(path, next(filter(None, problems)))
+    if "Y" not in axes or "X" not in axes:
+        return None
+    bands = int(np.prod([n for n, a in zip(shape, axes, strict=True) if a not in "YX"], dtype=np.int64))
+    return ImageHeader(path, shape[axes.index("Y")], shape[axes.index("X")], bands,
+                       np.dtype(np.uint8) if np.dtype(dtype).kind == "b" else np.dtype(dtype))
+
+
+def tiff_segments_problem(page, file_size: int) -> str | None:
+    """Why a TIFF page's strips or tiles cannot give its pixels (too few for its declared size, or lying past the
+    file's end), or None. tifffile would fill what is missing with zeros after a log line: made-up pixels."""
+    expected = int(np.prod(page.chunked)) * page.shaped[0]
+    if len(page.dataoffsets) < expected:
+        return (f"it declares {page.shaped[3]} x {page.shaped[2]} px but holds {len(page.dataoffsets)} of the "
+                f"{expected} {'tiles' if page.is_tiled else 'strips'} they need")
+    ends = np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)
+    if (ends > file_size).any():
+        return f"a segment ends at byte {int(ends.max()):,}, past the file's end at {file_size:,}"
+    return None
+
+
 def _read_tiff(path: Path) -> np.ndarray:
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
+        for page in series.pages:
+            problem = tiff_segments_problem(page, path.stat().st_size) if page is not None else None
+            if problem:
+                raise damaged(path, problem)
         data = series.asarray()
         axes = series.axes
     # Move the band axis (samples S, channels C, pages I/Q) behind Y and X: planar GeoTIFFs store bands first.
     if data.ndim == 3 and axes.index("Y") == 1 and axes.index("X") == 2:
         data = np.moveaxis(data, 0, -1)
-    elif data.ndim > 3 or (data.ndim == 3 and axes[:2] != "YX"):
+    elif data.ndim > 3 or data.ndim < 2 or (data.ndim == 3 and axes[:2] != "YX"):
         raise UserError(f"{path}: unsupported TIFF layout (axes {axes}, shape {data.shape}); save one image per "
                         "file as height x width x bands")
     if data.dtype == bool:  # 1-bit TIFF: black and white, as viewers show it
@@ -105,7 +239,9 @@ def read_image(path: Path, palette_indices: bool = False) -> np.ndarray:
         # JPEGs are turned upright by their EXIF orientation (IMREAD_UNCHANGED would ignore it); they hold no alpha
         # or high bit depth for the other flags to lose.
         jpeg = path.suffix.lower() in (".jpg", ".jpeg")
-        data = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_ANYCOLOR if jpeg else cv2.IMREAD_UNCHANGED)
+        raw = np.fromfile(path, np.uint8)
+        check_decodable(image_header(path, raw))
+        data = cv2.imdecode(raw, cv2.IMREAD_ANYCOLOR if jpeg else cv2.IMREAD_UNCHANGED)
     except UserError:
         raise
     except FileNotFoundError:
@@ -115,11 +251,20 @@ def read_image(path: Path, palette_indices: bool = False) -> np.ndarray:
     if data is None:
         raise UserError(f"{path}: " + (_stand_in(path) or "cannot be decoded; the file is corrupt or not an image: "
                                        "re-export it or remove this sample"))
+    if 0 in data.shape[:2]:
+        raise damaged(path, f"it holds an empty image of {data.shape[1]} x {data.shape[0]} px")
     if data.ndim == 3 and data.shape[2] == 3:
         data = cv2.cvtColor(data, cv2.COLOR_BGR2RGB)
     elif data.ndim == 3 and data.shape[2] == 4:
         data = cv2.cvtColor(data, cv2.COLOR_BGRA2RGBA)
     return data
+
+
+def check_decodable(header: ImageHeader | None) -> None:
+    """Refuse an image OpenCV would decode (not a TIFF) but that is larger than it decodes, by its header."""
+    if header is not None and header.pixels > CV2_MAX_PIXELS and header.path.suffix.lower() not in TIFF_EXTENSIONS:
+        raise UserError(f"{header.path}: the image is {header.size()}, more than OpenCV decodes "
+                        f"({CV2_MAX_PIXELS / 1e6:,.0f} Mpx); save it as a tiled GeoTIFF, which segkit reads in windows")
 
 
 def as_disk_error(path: Path, e: Exception) -> Exception:
@@ -132,6 +277,11 @@ def as_disk_error(path: Path, e: Exception) -> Exception:
     with contextlib.suppress(OSError):
         full = full or shutil.disk_usage(Path(path).parent).free < 2 ** 20
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) if full else e
+
+
+def damaged(path: Path, what: str) -> UserError:
+    """The error for a file whose structure contradicts itself (found before any decoder trusts it)."""
+    return UserError(f"{path}: the file is corrupt ({what}); re-export it or remove this sample")
 
 
 def unreadable(path: Path, e: Exception) -> UserError:

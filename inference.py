@@ -24,7 +24,7 @@ from errors import UserError, warn
 from raster import tile_starts
 
 TTA_MODES = ("none", "flip", "d4")
-BUNDLE_META = "segkit.json"  # the metadata file of an exported bundle, beside model.onnx
+CPU_TILE, CPU_PIXELS = 384, 2 ** 18  # files and scenes on the CPU: largest tile, pixels per forward pass
 
 
 def add_prediction_flags(group, tile_default: str, batch_default: int | None, batch_help: str) -> None:
@@ -202,6 +202,13 @@ class OnnxRunner:
         return e / e.sum(1, keepdims=True)
 
 
+def on_gpu(runner) -> bool:
+    """The model runs on a GPU: PyTorch on a CUDA device, or onnxruntime with its CUDA provider."""
+    session = getattr(runner, "session", None)
+    return str(runner.device).startswith("cuda") or (session is not None
+                                                     and "CUDAExecutionProvider" in session.get_providers())
+
+
 # -------------------------------------------------------------------------------------------------- predictor
 @dataclass
 class Prediction:
@@ -227,13 +234,15 @@ class Predictor:
     @classmethod
     def load(cls, path: Path, device: str | None = None, amp: str = "auto", **settings) -> "Predictor":
         """From a best.pth / last.pth, an experiment folder (its best.pth), or an exported bundle (its folder,
-        model.onnx or segkit.json). settings: tile_size, overlap, tta, batch_size, threshold (None: the model's)."""
+        model.onnx or segkit.json). settings: those of create()."""
+        from bundle import bundle_folder
+
         path = Path(path)
         if not path.exists():
             raise UserError(f"-m {path}: not found; give a best.pth, an experiment folder or an exported bundle")
-        bundle = path if path.is_dir() else path.parent
-        if (bundle / BUNDLE_META).is_file() and (path.is_dir() or path.suffix in (".onnx", ".json")):
-            return cls.from_bundle(bundle, **settings)
+        folder = bundle_folder(path)
+        if folder is not None:
+            return cls.from_bundle(folder, **settings)
         import checkpoint
 
         return cls.from_checkpoint(checkpoint.find(path, "-m"), device, amp, **settings)
@@ -254,15 +263,11 @@ class Predictor:
 
     @classmethod
     def from_bundle(cls, folder: Path, providers: list[str] | None = None, **settings) -> "Predictor":
-        import json
+        import bundle
 
-        folder = Path(folder)
-        try:
-            info = json.loads((folder / BUNDLE_META).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{folder / BUNDLE_META}: not a readable bundle description ({e})") from None
-        meta = ModelMeta.from_dict(info.get("meta"), str(folder / BUNDLE_META))
-        runner = OnnxRunner(folder / info.get("model", "model.onnx"), providers)
+        info, meta = bundle.read(folder)
+        runner = OnnxRunner(Path(folder) / info["model"], providers)
+        bundle.check_graph(folder, info, meta, runner.session.get_inputs(), runner.session.get_outputs())
         fixed = info.get("fixed_size")
         if fixed:  # the graph takes one size: tiles of it, whatever --tile-size says
             settings["tile_size"] = int(fixed)
@@ -270,11 +275,21 @@ class Predictor:
 
     @classmethod
     def create(cls, meta: ModelMeta, runner, min_size: int = 32, tile_size: int | None = None,
-               threshold: float | None = None, **settings) -> "Predictor":
-        """A Predictor with the model's own defaults for what is not given (None)."""
+               threshold: float | None = None, batch_size: int | None = None, for_scenes: bool = False,
+               **settings) -> "Predictor":
+        """A Predictor with the model's own defaults for what is not given (None). for_scenes: files of any size
+        are coming, so on the CPU the tile is at most CPU_TILE and a forward pass about CPU_PIXELS pixels (memory
+        grows about 0.7 KB per pixel of a pass there); on a GPU 16 tiles a pass."""
         settings = {k: v for k, v in settings.items() if v is not None}
-        return cls(meta, runner, tile_size or meta.val_tile_size, threshold=meta.threshold if threshold is None
-                   else threshold, min_size=min_size, **settings)
+        gpu = on_gpu(runner)
+        if tile_size is None:
+            tile_size = meta.val_tile_size
+            if for_scenes and not gpu and not settings.get("fixed_size"):
+                tile_size = min(tile_size, CPU_TILE)
+        if batch_size is None:
+            batch_size = (16 if gpu else max(1, CPU_PIXELS // tile_size ** 2)) if for_scenes else 8
+        return cls(meta, runner, tile_size, threshold=meta.threshold if threshold is None else threshold,
+                   min_size=min_size, batch_size=batch_size, **settings)
 
     def __post_init__(self):
         if self.tile_size % 32 or self.tile_size < self.min_size:
@@ -309,6 +324,17 @@ class Predictor:
         pixels = (side or self._fit(height)) * (side or self._fit(width))
         return max(1, min(256, self.batch_size * self.tile_size ** 2 // pixels))
 
+    def tile_count(self, height: int, width: int) -> int:
+        """The tiles bands() slides over such an image (1 where it goes whole)."""
+        _, _, ys, xs = self.grid(height, width)
+        return 1 if self.whole(height, width) else len(ys) * len(xs)
+
+    def grid(self, height: int, width: int) -> tuple[int, int, list[int], list[int]]:
+        """The sliding window over such an image: tile height and width, and the tiles' rows and columns."""
+        th, tw = min(self.tile_size, self._fit(height)), min(self.tile_size, self._fit(width))
+        return th, tw, tile_starts(height, th, max(1, int(th * (1 - self.overlap)))), \
+            tile_starts(width, tw, max(1, int(tw * (1 - self.overlap))))
+
     def _fit(self, side: int) -> int:
         return self.fixed_size or max(self.min_size, math.ceil(side / 32) * 32)
 
@@ -335,9 +361,7 @@ class Predictor:
         arrays; yield (y0, y1, logits of rows y0..y1 as (K, y1 - y0, width)) top to bottom, each band as soon as no
         later tile touches it. Tiles go in full batches across tile rows; memory: the rows one batch spans."""
         r = self.runner
-        th, tw = min(self.tile_size, self._fit(height)), min(self.tile_size, self._fit(width))
-        ys = tile_starts(height, th, max(1, int(th * (1 - self.overlap))))
-        xs = tile_starts(width, tw, max(1, int(tw * (1 - self.overlap))))
+        th, tw, ys, xs = self.grid(height, width)
         tiles = [(y, x) for y in ys for x in xs]
         weight, span = r.window(th, tw), max(width, tw)
         acc = norm = None  # the blended sums of image rows top .. top + acc rows
@@ -377,9 +401,10 @@ class Predictor:
 
     # ---------------------------------------------------------------------------------------------- input
     def input_problem(self, name: str, channels: int, dtype: str, low: float | None = None,
-                      high: float | None = None) -> str | None:
+                      high: float | None = None, types: str | None = None) -> str | None:
         """Why an image cannot go through this model (an error message), or None; warns where its pixel type
-        differs from the training images' but its values lie in their range."""
+        differs from the training images' but its values lie in their range. types: the files' own pixel types
+        ("uint8 image + uint16 nir"), which name the band that differs."""
         meta = self.meta
         if channels != meta.in_channels:
             bands = f" (image channels + {len(meta.add_dirs)} band(s): {', '.join(meta.add_dirs)})" if \
@@ -389,15 +414,25 @@ class Predictor:
                     (1, 3): " (grey for colour: the model needs colour images)"}.get((given, trained), "")
             return (f"{name}: {channels} channel(s), but the model was trained on {meta.in_channels}{bands}; give "
                     f"images with the training layout{hint}")
-        if dtype == meta.dtype:
+        parts, trained_parts = self.part_types(types or dtype), self.part_types(meta.types or meta.dtype)
+        if parts == trained_parts or (dtype == meta.dtype and not meta.types):
             return None
         lo, hi = min(meta.stats.min), max(meta.stats.max)
         span = max(hi - lo, 1e-6)
         inside = low is not None and high is not None and lo - span / 2 <= low and high <= hi + span / 2
         if inside or (low is None and np.dtype(dtype).kind == np.dtype(meta.dtype).kind == "f"):
-            warn(f"{name} is {dtype} but the model was trained on {meta.dtype} images; its values lie in the "
-                 "training range, so it is used as it is")
+            warn(f"{name} is {types or dtype} but the model was trained on {meta.types or meta.dtype} images; its "
+                 "values lie in the training range, so it is used as it is")
             return None
         seen = f" with values {low:g}..{high:g}" if low is not None else ""
-        return (f"{name} is {dtype}{seen}, but the model was trained on {meta.dtype} images (values {lo:g}..{hi:g}); "
-                f"convert the images to {meta.dtype} as the training data was, or train on such images")
+        odd = [f"{band} is {t}, {want} in training" for band, t, want in zip(
+            ["image", *(f"band {b}" for b in meta.add_dirs)], parts, trained_parts, strict=True) if t != want]
+        what = f"its {'; '.join(odd)}" if len(set(trained_parts)) > 1 or len(set(parts)) > 1 else \
+            f"it is {dtype}{seen}, but the model was trained on {meta.dtype} images (values {lo:g}..{hi:g})"
+        return (f"{name}: {what}; convert it to the training images' pixel type ({meta.types or meta.dtype}), or "
+                "train on such images")
+
+    def part_types(self, types: str) -> list[str]:
+        """"uint8" or "uint16 image + uint8 nir" as one pixel type per part (the image, then each band)."""
+        named = dict(reversed(t.split(" ", 1)) for t in types.split(" + ")) if " + " in types else {}
+        return [named.get(part, types) for part in ["image", *self.meta.add_dirs]]

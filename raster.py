@@ -4,18 +4,20 @@ nodata. Used by the dataset tools and by predict.py; numpy and tifffile only.
 A TIFF is read segment by segment (its strips or tiles, decoded on demand and cached for the current row of
 windows), or memory-mapped when uncompressed; other formats are read whole.
 """
+import contextlib
 import queue
+import struct
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
-from errors import UserError
-from fileio import TIFF_EXTENSIONS, atomic_output, read_image, unreadable
+from errors import UserError, warn
+from fileio import TIFF_EXTENSIONS, atomic_output, damaged, read_image, tiff_segments_problem, unreadable
 
 # GeoTIFF and GDAL tags carried from a source raster to its tiles and back to the stitched raster.
 GEO_TAGS = {33550: "ModelPixelScale", 33922: "ModelTiepoint", 34264: "ModelTransformation",
@@ -43,18 +45,25 @@ def nodata_pixels(image: np.ndarray, nodata: float) -> np.ndarray:
 class RasterReader:
     """(H, W) or (H, W, C) windows of an image file, with its size, band count, dtype and GeoTIFF tags.
 
-    cache_mb bounds the decoded TIFF segments kept for reuse (a row of windows shares its strips or tiles).
+    cache_mb bounds the decoded TIFF segments kept for reuse (a row of windows shares its strips or tiles). A TIFF's
+    segments are checked against the file when it opens: every part of the image must come from a segment inside the
+    file, so a damaged file is an error, never pixels made up from uninitialised memory.
     """
 
     def __init__(self, path: Path, cache_mb: float = 256):
         self.path = Path(path)
         self.cache_bytes = cache_mb * 2 ** 20
         self.geo: dict = {}
+        self.pages = 1  # images in the file; a multi-page TIFF is read as its first
         self._tif = self._array = None
         if self.path.suffix.lower() in TIFF_EXTENSIONS and self.path.exists() and self.path.stat().st_size:
             try:
                 self._open_tiff()
-            except (tifffile.TiffFileError, ValueError, IndexError):
+            except UserError:
+                self.close()
+                raise
+            except Exception:  # noqa: BLE001 -- tags that do not parse (tifffile raises many types)
+                self.close()
                 self._tif = None  # read_image gives the clear message
         if self._tif is None and self._array is None:
             self._array = read_image(self.path)
@@ -64,22 +73,29 @@ class RasterReader:
             self.dtype = self._array.dtype
 
     def _open_tiff(self) -> None:
-        tif = tifffile.TiffFile(self.path)
+        self._tif = tif = tifffile.TiffFile(self.path)
         page = tif.pages[0]
-        self.geo = {code: {"dtype": int(page.tags[code].dtype), "count": page.tags[code].count,
-                           "value": _plain(page.tags[code].value)} for code in GEO_TAGS if code in page.tags}
+        self.geo = geo_tags(page, self.path)
         layout = _plain_layout(tif)
         if layout is None:
+            self.pages = len(tif.series)
             tif.close()
+            self._tif = None
             return  # stacks and pyramids: read_image handles or explains them
         self.height, self.width, self.bands, self.dtype = layout
+        if not self.height or not self.width:
+            raise damaged(self.path, f"it declares an empty image of {self.width} x {self.height} px")
+        self._page = page
+        self._segments = [page.decode(None, i)[1:] for i in range(len(page.dataoffsets))]  # positions only
+        problem = tiff_segments_problem(page, self.path.stat().st_size)
+        if problem:
+            raise damaged(self.path, problem)
         if page.is_memmappable:
             data = tif.asarray(out="memmap")
             self._array = np.moveaxis(data, 0, -1) if page.shaped[0] > 1 else data
             tif.close()
+            self._tif = None
             return
-        self._tif, self._page = tif, page
-        self._segments = [page.decode(None, i)[1:] for i in range(len(page.dataoffsets))]  # positions only
         self._cache: OrderedDict = OrderedDict()
         self._cached = 0
 
@@ -104,15 +120,21 @@ class RasterReader:
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         """The window rows y..y+h, columns x..x+w (inside the raster)."""
         if self._array is not None:
-            return np.ascontiguousarray(self._array[y:y + h, x:x + w])
+            try:
+                return np.ascontiguousarray(self._array[y:y + h, x:x + w])
+            except OSError as e:  # a memory-mapped file cut short after it was opened
+                raise unreadable(self.path, e) from None
         separate, contig = self._page.shaped[0], self._page.shaped[4]
-        out = np.empty((separate, h, w, contig), self.dtype)
+        out = np.zeros((separate, h, w, contig), self.dtype)
         for index, (pos, shape) in enumerate(self._segments):
             sy, sx, sh, sw = pos[2], pos[3], shape[1], shape[2]
             y0, y1, x0, x1 = max(y, sy), min(y + h, sy + sh), max(x, sx), min(x + w, sx + sw)
             if y0 < y1 and x0 < x1:
                 seg = self._segment(index)
-                out[pos[0], y0 - y:y1 - y, x0 - x:x1 - x] = seg[0, y0 - sy:y1 - sy, x0 - sx:x1 - sx]
+                try:
+                    out[pos[0], y0 - y:y1 - y, x0 - x:x1 - x] = seg[0, y0 - sy:y1 - sy, x0 - sx:x1 - sx]
+                except (ValueError, IndexError) as e:  # a segment that decodes to another shape than declared
+                    raise unreadable(self.path, e) from None
         out = np.moveaxis(out[..., 0], 0, -1) if separate > 1 else out[0]
         return out[..., 0] if out.shape[-1] == 1 else out
 
@@ -121,35 +143,55 @@ class RasterReader:
             self._tif.close()
 
 
+# Tags carried from a raster to its outputs, with the TIFF type and value count GeoTIFF gives them: a tag of another
+# type is damaged or foreign, and is left out rather than written back wrong.
+GEO_TYPES = {33550: (12, 3), 33922: (12, None), 34264: (12, 16), 34735: (3, None), 34736: (12, None),
+             34737: (2, None), 42112: (2, None), 42113: (2, None)}
+
+
+def geo_tags(page, path: Path) -> dict:
+    """The page's georeferencing and GDAL tags as {code: {"dtype", "count", "value"}}, JSON-friendly."""
+    geo, odd = {}, []
+    for code, (kind, count) in GEO_TYPES.items():
+        if code not in page.tags:
+            continue
+        tag = page.tags[code]
+        try:
+            value = _plain(tag.value)
+            value = value if kind == 2 or isinstance(value, list) else [value]
+            ok = int(tag.dtype) == kind and (count is None or tag.count >= count) and (
+                isinstance(value, str) if kind == 2 else all(isinstance(v, (int, float)) for v in value))
+        except Exception:  # noqa: BLE001 -- a value tifffile cannot read: damaged
+            ok = False
+        if ok:
+            geo[code] = {"dtype": kind, "count": tag.count, "value": value}
+        else:
+            odd.append(GEO_TAGS[code])
+    if odd:
+        warn(f"{path}: its {', '.join(odd)} tag(s) are damaged or of an unexpected type; they are not carried to "
+             "the outputs")
+    return geo
+
+
+def gdal_nodata(geo: dict, path: Path) -> float | None:
+    """The GDAL_NODATA value of a raster's tags, None where it has none or it is not a number."""
+    text = str(geo.get(42113, {}).get("value", "")).strip("\x00 ")
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        warn(f"{path}: its GDAL_NODATA tag {text[:20]!r} is not a number; no pixel is taken as nodata (give "
+             "--nodata)")
+        return None
+
+
 def _plain_layout(tif: tifffile.TiffFile) -> tuple[int, int, int, np.dtype] | None:
     """(height, width, bands, dtype) of a TIFF holding one plain image; None for stacks and pyramids."""
     separate, depth, height, width, contig = tif.pages[0].shaped
     if len(tif.series) != 1 or len(tif.series[0].pages) != 1 or depth != 1:
         return None
     return height, width, separate * contig, np.dtype(tif.pages[0].dtype)
-
-
-@dataclass
-class TiffHeader:
-    """What a plain TIFF's tags say, as a RasterReader would after opening it."""
-    path: Path
-    height: int
-    width: int
-    bands: int
-    dtype: np.dtype
-
-
-def tiff_header(path: Path) -> TiffHeader | None:
-    """A plain TIFF's size, bands and type from its tags alone, without reading pixels; None where only reading
-    tells (other formats, stacks, pyramids, files that do not open)."""
-    if Path(path).suffix.lower() not in TIFF_EXTENSIONS:
-        return None
-    try:
-        with tifffile.TiffFile(path) as tif:
-            layout = _plain_layout(tif)
-    except (OSError, tifffile.TiffFileError, ValueError, IndexError):
-        return None
-    return TiffHeader(Path(path), *layout) if layout else None
 
 
 def _plain(value):
@@ -256,3 +298,43 @@ class TiledTiffWriter:
                 pending, filled = pending[take:], filled + take
             for x in range(0, self.width, t):
                 yield out[:, x:x + t]
+
+
+class PngWriter:
+    """An (H, W) uint8 or uint16 mask written as a PNG from bands of rows given top to bottom, compressed as they
+    come: memory never holds the whole mask, whatever its size. The file appears under its name only when complete.
+    Use as a context manager, like TiledTiffWriter."""
+
+    def __init__(self, path: Path, height: int, width: int, dtype):
+        self.path, self.height, self.width, self.dtype = Path(path), height, width, np.dtype(dtype)
+        self.rows = 0
+
+    def __enter__(self) -> "PngWriter":
+        with contextlib.ExitStack() as stack:
+            self._file = stack.enter_context(open(stack.enter_context(atomic_output(self.path)), "wb"))
+            self._close = stack.pop_all()  # closes the file, then renames it into place (or removes it on an error)
+        self._file.write(b"\x89PNG\r\n\x1a\n")
+        self._chunk(b"IHDR", struct.pack(">IIBBBBB", self.width, self.height, 8 * self.dtype.itemsize, 0, 0, 0, 0))
+        self._zip = zlib.compressobj(6)
+        return self
+
+    def write(self, rows: np.ndarray) -> None:
+        data = np.zeros((len(rows), 1 + self.width * self.dtype.itemsize), np.uint8)  # filter byte 0, then the row
+        data[:, 1:] = rows.astype(self.dtype.newbyteorder(">")).view(np.uint8).reshape(len(rows), -1)
+        self._chunk(b"IDAT", self._zip.compress(data.tobytes()))
+        self.rows += len(rows)
+
+    def _chunk(self, kind: bytes, data: bytes) -> None:
+        if data or kind != b"IDAT":
+            self._file.write(struct.pack(">I", len(data)) + kind + data
+                             + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            self._close.__exit__(kind, value, traceback)
+            return
+        with self._close:
+            if self.rows != self.height:
+                raise ValueError(f"{self.path}: {self.rows} of {self.height} rows were written")
+            self._chunk(b"IDAT", self._zip.flush())
+            self._chunk(b"IEND", b"")

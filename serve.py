@@ -15,13 +15,19 @@ Endpoints:
 
 The mask comes back at the image's size in the dataset's label values; a GeoTIFF in gives a GeoTIFF out with its
 georeference. The model is loaded once; requests are predicted one at a time (each uses every core or the GPU), at
-most --queue of them wait, and each upload is at most --max-upload-mb. Uploads go to a private temporary folder under
-fixed names and are removed after their answer. It binds 127.0.0.1: put a reverse proxy in front to serve others.
+most --queue of them wait, and each upload is at most --max-upload-mb. An image is judged by its header before a pixel
+is decoded: one that declares more than --max-pixels is refused (413), so a few-KB file claiming 60,000 x 60,000 px
+costs nothing; a prediction running longer than --timeout is abandoned (503) and the worker moves on. Uploads go to a
+private temporary folder under fixed names and are removed after their answer. Every request is logged in one line.
+Ctrl-C or SIGTERM stops the server within seconds, abandoning a prediction in progress. It binds 127.0.0.1: put a
+reverse proxy in front to serve others.
 """
 import argparse
 import asyncio
 import base64
+import dataclasses
 import json
+import signal
 import socket
 import sys
 import tempfile
@@ -29,13 +35,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-from cli import Parser, at_least
+from cli import Parser, at_least, pixel_count, positive
 from errors import UserError, require, run_cli
-from inference import add_prediction_flags
+from fileio import image_header
+from inference import Predictor, add_prediction_flags
+from scenes import Done, Job, Settings, check_headers, predict_scene
 
 PAGE = Path(__file__).resolve().parent / "serve.html"
 FORMATS = {"png": "image/png", "tif": "image/tiff", "json": "application/json"}
@@ -60,6 +67,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-upload-mb", type=at_least(1), default=64, help="largest request body, in MB (64)")
     g.add_argument("--queue", type=at_least(1), default=32,
                    help="requests that may wait for the model; more are answered 503, so memory stays bounded (32)")
+    g.add_argument("--max-pixels", type=pixel_count, default=100_000_000,
+                   help="largest image, in pixels, judged from its header before decoding (100M: 10,000 x 10,000); "
+                        "a suffix k, M or G may be used")
+    g.add_argument("--timeout", type=positive, default=300,
+                   help="seconds one prediction may take before it is abandoned and answered 503 (300)")
     return p
 
 
@@ -79,37 +91,56 @@ def check_port(host: str, port: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- model
+class Abandoned(Exception):
+    """A prediction stopped before its end: over --timeout, or the server is stopping."""
+
+
 class Model:
-    """The predictor, loaded once, and what a request needs from it; called from one worker thread only."""
+    """The predictor, loaded once, and what a request needs from it; predict() runs in one worker thread only."""
 
     def __init__(self, args: argparse.Namespace):
-        import predict
-
-        self.predictor = predict.load_predictor(argparse.Namespace(**vars(args), amp="auto"))
+        self.predictor = Predictor.load(Path(args.model), device="cpu" if args.cpu else args.device, amp="auto",
+                                        tile_size=args.tile_size, overlap=args.overlap, tta=args.tta,
+                                        threshold=args.threshold, batch_size=args.batch_size, for_scenes=True)
         self.meta = self.predictor.meta
-        self.default_threshold = self.predictor.threshold
-        self.path = args.model
+        self.path, self.max_pixels, self.timeout = args.model, args.max_pixels, args.timeout
+        self.stopping = threading.Event()  # set when the server is told to stop: the prediction in progress ends
 
     def info(self) -> dict:
         import visualize
 
         m, colors = self.meta, visualize.class_colors(self.meta.labels.num_classes)
         return {"model": Path(self.path).name, "architecture": m.arch, "encoder": m.encoder,
-                "binary": m.binary, "threshold": self.default_threshold,
+                "binary": m.binary, "threshold": self.predictor.threshold,
                 "classes": [{"name": n, "value": int(v), "color": "#{:02x}{:02x}{:02x}".format(*colors[i])}
                             for i, (n, v) in enumerate(zip(m.class_names, m.labels.label_values(), strict=True))],
-                "bands": m.add_dirs, "channels": m.in_channels, "dtype": m.dtype,
-                "tile_size": self.predictor.tile_size, "runtime": type(self.predictor.runner).__name__}
+                "bands": m.add_dirs, "channels": m.in_channels, "dtype": m.types or m.dtype,
+                "tile_size": self.predictor.tile_size, "max_pixels": self.max_pixels,
+                "runtime": type(self.predictor.runner).__name__}
 
-    def predict(self, image: Path, bands: list[Path], out: Path, threshold: float | None, overlay: bool) -> int:
-        """Write out (mask) and, with overlay, out's _overlay.jpg; returns the pixels predicted."""
-        import predict
+    def check(self, job: Job) -> None:
+        """The uploads judged by their headers, before any pixel is decoded: too large (413), damaged or not fitting
+        the model (422)."""
+        for path in (job.image, *job.bands):
+            header = image_header(path)
+            if header is not None and header.pixels > self.max_pixels:
+                raise BadRequest(413, f"{path} is {header.size()}; this server takes images up to "
+                                      f"{self.max_pixels / 1e6:,.0f} Mpx (--max-pixels)")
+        check_headers(self.predictor, [job], min_bytes=0)
 
-        job = predict.Job(image, bands, out, out.with_name("prob.tif"), out.with_name("overlay.jpg"))
-        options = SimpleNamespace(nodata=None, prob=None, overlay=overlay)
-        self.predictor.threshold = self.default_threshold if threshold is None else threshold
-        pixels, _ = predict.predict_scene(self.predictor, job, options)
-        return pixels
+    def predict(self, job: Job, threshold: float | None, overlay: bool) -> Done:
+        """Write the job's mask (and overlay); abandoned past --timeout or when the server stops."""
+        deadline = time.monotonic() + self.timeout
+
+        def on_rows(*_) -> None:
+            if self.stopping.is_set():
+                raise Abandoned("the server is stopping; send the request again once it is back")
+            if time.monotonic() > deadline:
+                raise Abandoned(f"the prediction took longer than {self.timeout:g} s (--timeout) and was stopped; send "
+                                "a smaller image, or start the server with a larger --timeout")
+
+        predictor = self.predictor if threshold is None else dataclasses.replace(self.predictor, threshold=threshold)
+        return predict_scene(predictor, job, Settings(overlay=overlay, progress=on_rows))
 
 
 # ----------------------------------------------------------------------------------------------------- requests
@@ -128,7 +159,7 @@ def save_upload(data: bytes, folder: Path, stem: str, what: str) -> Path:
     ext = next((e for magic, e in MAGIC.items() if data.startswith(magic)), None)
     if ext is None:
         raise BadRequest(415, f"{what} is not an image: send PNG, JPEG, TIFF or BMP")
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stem}{ext}"
     path.write_bytes(data)
     return path
@@ -164,58 +195,52 @@ def answer(model: Model, uploads: dict[str, tuple[str, bytes]], fields: dict) ->
     with tempfile.TemporaryDirectory(prefix="segkit-serve-") as tmp:
         tmp = Path(tmp)
         image = save_upload(uploads["file"][1], tmp / "images", "upload", "the file")
-        bands = [save_upload(uploads[b][1], tmp / f"band{i}", "upload", f"band {b}")
-                 for i, b in enumerate(model.meta.add_dirs)]
+        bands = [save_upload(uploads[b][1], tmp / "bands" / b, "upload", f"band {b}") for b in model.meta.add_dirs]
         # Messages name the files as the client sent them (a name only shown, never used as a path).
         shown = {str(p): repr(uploads[f][0] or f) for p, f in zip([image, *bands], ["file", *model.meta.add_dirs],
                                                                    strict=True)}
-        out = tmp / "out" / ("mask.tif" if fmt == "tif" or (fmt == "json" and image.suffix == ".tif")
-                             else "mask.png")
-        out.parent.mkdir()
+        (tmp / "out").mkdir()
+        mask = tmp / "out" / ("mask.tif" if fmt == "tif" else "mask.png")
+        job = Job(image, bands, mask, tmp / "out" / "prob.tif", tmp / "out" / "overlay.jpg")
         t0 = time.monotonic()
         try:
-            model.predict(image, bands, out, threshold, overlay or fmt == "json")
-        except UserError as e:
+            model.check(job)
+            done = model.predict(job, threshold, overlay or fmt == "json")
+            if fmt == "png" and overlay:
+                return job.overlay.read_bytes(), "image/jpeg"
+            if fmt != "json":
+                return mask.read_bytes(), FORMATS[fmt]
+            return json.dumps(summary(model, job, done, time.monotonic() - t0)).encode(), FORMATS["json"]
+        except (UserError, BadRequest) as e:
             message = str(e)
             for path, name in shown.items():
                 message = message.replace(path, name)
-            raise BadRequest(422, message.replace(str(tmp), "upload")) from None
-        if fmt == "png" and overlay:
-            return (tmp / "out" / "overlay.jpg").read_bytes(), "image/jpeg"
-        if fmt != "json":
-            return out.read_bytes(), FORMATS[fmt]
-        return json.dumps(summary(model, image, out, time.monotonic() - t0)).encode(), FORMATS["json"]
+            raise BadRequest(getattr(e, "status", 422), message.replace(str(tmp), "upload")) from None
+        except Abandoned as e:
+            raise BadRequest(503, str(e)) from None
 
 
-def summary(model: Model, image: Path, mask_path: Path, seconds: float) -> dict:
-    """JSON: class pixel counts, the mask (label values, base64 PNG) and pictures for the page."""
+def summary(model: Model, job: Job, done: Done, seconds: float) -> dict:
+    """JSON: class pixel counts, the mask (label values, the PNG written) and pictures for the page, made from the
+    prediction's thumbnails: nothing is decoded again."""
     import cv2
 
     import visualize
-    from fileio import read_image
 
-    mask = read_image(mask_path)
-    values = model.meta.labels.label_values()
-    index = np.full(65536, 255, np.uint8)  # a value no class has (nodata) is drawn grey
-    index[values] = np.arange(len(values))
-    classes = index[mask]
-    step = max(1, -(-max(mask.shape) // PREVIEW_SIDE))
-    colored = visualize.colorize(classes[::step, ::step], model.meta.labels.num_classes)
-    preview = visualize.to_rgb8(read_image(image)[::step, ::step])
+    step = max(1, -(-max(done.thumb_classes.shape) // PREVIEW_SIDE))
+    colored = visualize.colorize(done.thumb_classes[::step, ::step], model.meta.labels.num_classes)
+    preview = visualize.to_rgb8(done.thumb_image[::step, ::step])
 
     def encode(ext: str, picture: np.ndarray) -> str:
-        if picture.ndim == 3:
-            picture = cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)
-        return base64.b64encode(cv2.imencode(ext, picture)[1].tobytes()).decode()
+        return base64.b64encode(cv2.imencode(ext, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))[1].tobytes()).decode()
 
-    counts = [int((mask == v).sum()) for v in values]
-    return {"width": int(mask.shape[1]), "height": int(mask.shape[0]), "seconds": round(seconds, 3),
-            "threshold": model.predictor.threshold if model.meta.binary else None,
-            "classes": [{"name": n, "value": int(v), "pixels": c, "share": round(c / mask.size, 6)}
-                        for n, v, c in zip(model.meta.class_names, values, counts, strict=True)],
-            "mask_png": encode(".png", mask), "mask_color_png": encode(".png", colored),
-            "image_jpg": encode(".jpg", preview),
-            "overlay_jpg": base64.b64encode((mask_path.parent / "overlay.jpg").read_bytes()).decode()}
+    values, counted = model.meta.labels.label_values(), done.class_pixels
+    return {"width": done.width, "height": done.height, "seconds": round(seconds, 3),
+            "threshold": done.threshold if model.meta.binary else None,
+            "classes": [{"name": n, "value": int(v), "pixels": int(c), "share": round(int(c) / max(done.pixels, 1), 6)}
+                        for n, v, c in zip(model.meta.class_names, values, counted, strict=True)],
+            "mask_png": base64.b64encode(job.mask.read_bytes()).decode(), "mask_color_png": encode(".png", colored),
+            "image_jpg": encode(".jpg", preview), "overlay_jpg": base64.b64encode(job.overlay.read_bytes()).decode()}
 
 
 # ----------------------------------------------------------------------------------------------------- the app
@@ -224,6 +249,7 @@ def build_app(model: Model, max_upload_mb: int, queue: int):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     app = FastAPI(title="segkit", docs_url=None, redoc_url=None, openapi_url=None)
     admitted = threading.BoundedSemaphore(queue)
@@ -243,6 +269,16 @@ def build_app(model: Model, max_upload_mb: int, queue: int):
     async def server_error(_: Request, e: Exception):
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return error(500, f"the server failed on this request ({type(e).__name__}); its log says more")
+
+    @app.middleware("http")
+    async def log_request(request: Request, call_next):
+        t0 = time.monotonic()
+        response = await call_next(request)
+        size = request.headers.get("content-length", "")
+        size = f" {int(size) / 2 ** 20:.1f} MB" if size.isdigit() and int(size) > 2 ** 16 else ""
+        print(f"{time.strftime('%H:%M:%S')} {request.method} {request.url.path} {response.status_code} "
+              f"{time.monotonic() - t0:.2f} s{size}", flush=True)
+        return response
 
     @app.get("/", response_class=HTMLResponse)
     def page():
@@ -271,6 +307,8 @@ def build_app(model: Model, max_upload_mb: int, queue: int):
             return Response(body, media_type=media)
         except BadRequest as e:
             return error(e.status, str(e))
+        except ClientDisconnect:  # the client went away mid-upload: nobody to answer
+            return Response(status_code=499)
         finally:
             admitted.release()
 
@@ -319,10 +357,20 @@ def main(args: argparse.Namespace) -> int:
     app = build_app(model, args.max_upload_mb, args.queue)
     import uvicorn
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            """Ctrl-C or SIGTERM: a prediction in progress stops at its next rows and the server ends with status 0
+            (uvicorn's own handler would raise the signal again once stopped); a second Ctrl-C stops at once."""
+            model.stopping.set()
+            self.force_exit = self.should_exit and sig == signal.SIGINT
+            self.should_exit = True
+
     m = model.meta
     print(f"serving {args.model} ({m.arch} / {m.encoder}, classes {', '.join(m.class_names)}, bands "
           f"{' + '.join(['image', *m.add_dirs])}) on http://{args.host}:{args.port} ; Ctrl-C stops", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=5)).run()
+    print("server stopped", flush=True)
     return 0
 
 

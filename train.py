@@ -338,7 +338,7 @@ def make_model(args: argparse.Namespace, data, labels, resumed, procs):
         image_size = args.image_size or max(min_input_size(args.model), auto_image_size(data.sizes["train"]))
         meta = ModelMeta(architecture(args.model), args.encoder, data.channels, labels.out_channels, labels,
                          args.add_dirs.split(), data.stats, data.dtype, image_size, args.resize, args.val_tile_size,
-                         weights=weights, train_args=vars(args),
+                         types=data.types, weights=weights, train_args=vars(args),
                          versions={"segkit": SEGKIT_VERSION, "torch": str(torch.__version__),
                                    "segmentation_models_pytorch": str(smp.__version__)},
                          created=datetime.now(timezone.utc).isoformat(timespec="seconds"))

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cli import Parser, at_least
-from errors import UserError, run_cli
+from errors import UserError, raise_problems, run_cli
 from inference import add_prediction_flags
 from runtime import AMP_CHOICES
 
@@ -82,13 +82,13 @@ def model_path(args: argparse.Namespace) -> Path:
     if args.check_path:
         return Path(args.check_path)
     import checkpoint
-    from inference import BUNDLE_META
+    from bundle import bundle_folder
 
     if args.model:
         model = Path(args.model)
         if not model.exists():
             raise UserError(f"-m {model}: not found; give a best.pth, an experiment folder or an exported bundle")
-        return model if (model / BUNDLE_META).is_file() else checkpoint.find(model, "-m")
+        return bundle_folder(model) or checkpoint.find(model, "-m")
     folder = Path(args.check_dir)
     if folder.is_file():  # a checkpoint given where its folder was asked for: as -c takes it
         return folder
@@ -112,7 +112,7 @@ def check_flags(args: argparse.Namespace, predictor) -> None:
 
 def check_data(data_dir: Path, predictor, workers: int) -> tuple[list, list[tuple[int, int]]]:
     """The samples and their sizes, every file read once and checked against the model: all problems together."""
-    from dataset import dataset_problems, find_samples, raise_problems, scan_samples, unlisted_note
+    from dataset import dataset_problems, find_samples, scan_samples, unlisted_note
     from fileio import is_image_file
 
     if not (data_dir / "images").is_dir() and (data_dir / "val" / "images").is_dir():

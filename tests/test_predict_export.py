@@ -97,8 +97,10 @@ def test_geotiff_scene_streams_tiles_keeps_georeference_and_nodata(tmp_path, ckp
 @pytest.mark.parametrize("batch", [None, 1])
 def test_whole_images_go_in_batches_of_one_size_across_files(tmp_path, ckpt, batch):
     """Images up to the tile (64 px) share forward passes with the next ones of their size, in the pixels of -b
-    tiles; a larger image between them slides; every mask is the image's own, nodata included."""
+    tiles; a larger image between them slides; every mask is the image's own, nodata included. An input that cannot
+    be predicted stops nothing: every other one gets its mask, then one error lists it."""
     import predict
+    from scenes import Settings, predict_jobs
 
     rng = np.random.default_rng(2)
     sizes = {"a0": (48, 64), "a1": (48, 64), "a2": (48, 64), "b0": (32, 32), "b1": (32, 32), "c": (100, 90),
@@ -113,13 +115,17 @@ def test_whole_images_go_in_batches_of_one_size_across_files(tmp_path, ckpt, bat
         write_image(tmp_path / "in" / "nir" / f"{name}.tif", stacks[name][..., 3])
     flags = ["-m", ckpt, "-i", tmp_path / "in" / "images", "-o", tmp_path / "out", "--nodata", "0"]
     args = predict.get_args_parser().parse_args(list(map(str, flags + (["-b", batch] if batch else []))))
-    predictor = predict.load_predictor(args)
+    predictor = Predictor.load(ckpt, device="cpu", batch_size=batch, for_scenes=True)
     passes, forward = [], predictor.runner.forward
     predictor.runner.forward = lambda x: passes.append(x.shape[0]) or forward(x)
-    jobs = predict.plan_jobs(args, predictor.meta.add_dirs, predict.output_folder(tmp_path / "out", "-o"))
-    done = list(predict.predict_jobs(predictor, jobs, args))
+    settings = Settings(nodata=0)
+    jobs = predict.plan_jobs(args, predictor.meta.add_dirs, predict.output_folder(tmp_path / "out", "-o"), settings)
+    done = list(predict_jobs(predictor, jobs, settings))
 
-    assert done == [(h * w, 35 if name == "a1" else 0) for name, (h, w) in sizes.items()]
+    assert [(d.pixels, d.nodata) for d in done] == [(h * w, 35 if name == "a1" else 0) for name, (h, w) in
+                                                    sizes.items()]
+    assert [int(d.class_pixels.sum()) for d in done] == [h * w - (35 if name == "a1" else 0) for name, (h, w) in
+                                                         sizes.items()]
     if batch is None:  # three, two, the sliding window's tiles, two
         assert passes[:2] == [3, 2] and passes[-1] == 2 and len(passes) > 3
     else:  # -b 1: one tile's pixels per pass, which two 32 x 32 images fill
@@ -127,9 +133,11 @@ def test_whole_images_go_in_batches_of_one_size_across_files(tmp_path, ckpt, bat
     write_image(tmp_path / "in" / "images" / "e.tif", stacks["d1"][..., :2])  # two channels: refused
     write_image(tmp_path / "in" / "nir" / "e.tif", stacks["d1"][..., 3])
     r = run_script("predict.py", *flags[:4], "-o", tmp_path / "out2")
-    assert_user_error(r, "e.tif", "channel")
-    assert sorted(p.stem for p in (tmp_path / "out2").iterdir()) == sorted(sizes)  # those before it were written
-    (tmp_path / "in" / "images" / "e.tif").unlink()  # now one that opens but whose pixels cannot be decoded
+    assert_user_error(r, "1 of 9 input(s) could not be predicted", "e.tif", "channel", "--skip-existing")
+    assert sorted(p.stem for p in (tmp_path / "out2").iterdir()) == sorted(sizes)  # every other input was written
+    (tmp_path / "in" / "images" / "e.tif").unlink()  # fixed: the same command with --skip-existing finishes
+    r = run_script("predict.py", *flags[:4], "-o", tmp_path / "out2", "--skip-existing")
+    assert r.returncode == 0 and "skipping 8 of 8" in r.stdout, r.stdout + r.stderr
     damaged = tmp_path / "in" / "images" / "f.tif"
     tifffile.imwrite(damaged, stacks["d1"][..., :3], compression="zlib", tile=(16, 16))
     raw = bytearray(damaged.read_bytes())

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cv2
 import httpx
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import GEO, ROOT, assert_user_error, broken_package, make_checkpoint, make_dataset, run_script
+from hostile import png_bomb, png_lying_chunk, tiff_bomb
 
 from fileio import read_image
 from inference import Predictor
@@ -38,25 +40,40 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("m") / "best.pth", add_dirs=("nir",))
 
 
-@pytest.fixture(scope="module")
-def server(ckpt):
+def start_server(model, log, *flags) -> tuple[subprocess.Popen, str]:
+    """serve.py on a free port, its output in the file `log`, once it answers /health."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "serve.py", "-m", str(ckpt), "--port", str(port), "--max-upload-mb", "1"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.Popen([sys.executable, "serve.py", "-m", str(model), "--port", str(port), *map(str, flags)],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
+                return proc, url
         except httpx.TransportError:
             pass
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+        assert proc.poll() is None and time.monotonic() < deadline, "serve.py did not start"
         time.sleep(0.3)
-    yield url
-    proc.terminate()
-    proc.wait(20)
+
+
+def resident_mb(proc: subprocess.Popen) -> float:
+    status = Path(f"/proc/{proc.pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+@pytest.fixture(scope="module")
+def served(ckpt, tmp_path_factory):
+    with open(tmp_path_factory.mktemp("log") / "serve.log", "w+") as log:
+        proc, url = start_server(ckpt, log, "--max-upload-mb", "1")
+        yield proc, url, log
+        proc.terminate()
+        proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[1]
 
 
 def upload(data, stem="v000", **files):
@@ -147,6 +164,87 @@ def test_every_bad_request_gets_a_4xx_with_a_json_error(server, data, how, statu
     r = httpx.post(server + "/predict", params=params, files=upload(data, **how))
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]
+
+
+def tiff_of(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    rgb = image.ndim == 3 and image.shape[2] == 3
+    tifffile.imwrite(buf, image, photometric="rgb" if rgb else "minisblack", planarconfig="contig")
+    return buf.getvalue()
+
+
+HOSTILE = {  # what a few-KB upload claims -> status and what the answer must say
+    "tiff bomb": (("bomb.tif", tiff_bomb(60000, 60000)), 413, ["'bomb.tif' is 60000 x 60000 px (3,600.0 Mpx)",
+                                                                   "100 Mpx (--max-pixels)"]),
+    "png bomb": (("bomb.png", png_bomb(60000, 60000)), 413, ["60000 x 60000 px", "--max-pixels"]),
+    "png chunk claiming 2 GB": (("chunk.png", png_lying_chunk()), 422, ["'chunk.png'", "corrupt",
+                                                                         "claims 2,147,483,647 bytes"]),
+    "tiff with tiles missing": (("short.tif", tiff_bomb(3000, 3000, rows_held=1000, bits=16)), 422,
+                                ["'short.tif'", "corrupt", "holds 3 of the 9 tiles"]),
+    "seven channels": (("wide.tif", tiff_of(np.zeros((48, 80, 7), np.uint16))), 422, ["channel"]),
+    "8-bit image, 16-bit band": (("rgb8.tif", tiff_of(np.zeros((48, 80, 3), np.uint8))), 422,
+                                 ["'rgb8.tif'", "image is uint8, uint16 in training"]),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_uploads_are_judged_by_their_header(served, data, case):
+    """A small file that declares an enormous image, or whose parts contradict each other, is answered at once from
+    its header; the server's memory stays where it was and it answers the next request."""
+    proc, url, _ = served
+    before = resident_mb(proc)
+    upload_file, status, needles = HOSTILE[case]
+    t0 = time.monotonic()
+    r = httpx.post(url + "/predict", files=upload(data, file=upload_file), timeout=60)
+    assert r.status_code == status and time.monotonic() - t0 < 10, r.text
+    for needle in needles:
+        assert needle in r.json()["error"], r.json()["error"]
+    assert resident_mb(proc) < before + 100
+    assert httpx.post(url + "/predict", files=upload(data), timeout=60).status_code == 200
+
+
+def test_client_that_disconnects_mid_upload_is_one_log_line(served):
+    _, url, log = served
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                  b"Content-Length: 900000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; "
+                  b"filename=\"a.tif\"\r\n\r\n" + bytes(5000))
+    time.sleep(1)
+    assert httpx.get(url + "/health").status_code == 200
+    log.flush()
+    log.seek(0)
+    text = log.read()
+    assert "Traceback" not in text and "POST /predict 499" in text and "GET /health 200" in text, text[-2000:]
+
+
+def test_timeout_frees_the_worker_and_sigterm_stops_a_busy_server(ckpt, tmp_path):
+    """A prediction past --timeout is abandoned (503) and the next request is served; SIGTERM while a long
+    prediction runs stops the server within seconds, answering that request, with no traceback."""
+    big = {"file": ("big.tif", tiff_of(np.full((1500, 1500, 3), 5000, np.uint16))),
+           "nir": ("big_nir.tif", tiff_of(np.full((1500, 1500), 5000, np.uint16)))}
+    small = {"file": ("s.tif", tiff_of(np.full((48, 80, 3), 5000, np.uint16))),
+             "nir": ("s_nir.tif", tiff_of(np.full((48, 80), 5000, np.uint16)))}
+    with open(tmp_path / "serve.log", "w+") as log:
+        proc, url = start_server(ckpt, log, "--timeout", "1")
+        try:
+            t0 = time.monotonic()
+            r = httpx.post(url + "/predict", files=big, timeout=120)
+            assert r.status_code == 503 and "--timeout" in r.json()["error"] and time.monotonic() - t0 < 15, r.text
+            assert httpx.post(url + "/predict", files=small, timeout=60).status_code == 200
+        finally:
+            proc.terminate()
+            proc.wait(20)
+        proc, url = start_server(ckpt, log)
+        with ThreadPoolExecutor(1) as ex:
+            busy = ex.submit(httpx.post, url + "/predict", files=big, timeout=120)
+            time.sleep(2)
+            t0 = time.monotonic()
+            proc.terminate()
+            assert proc.wait(15) == 0 and time.monotonic() - t0 < 10
+            assert busy.result().status_code == 503 and "stopping" in busy.result().json()["error"]
+        log.seek(0)
+        text = log.read()
+    assert "Traceback" not in text and "server stopped" in text, text[-2000:]
 
 
 def test_requests_that_are_not_uploads(server):
