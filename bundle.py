@@ -8,7 +8,7 @@ from pathlib import Path
 
 from checkpoint import SEGKIT_VERSION, ModelMeta
 from errors import UserError
-from fileio import write_text
+from fileio import read_json, write_text
 
 FORMAT = "segkit-bundle"
 META = "segkit.json"
@@ -51,14 +51,8 @@ def write(folder: Path, meta: ModelMeta, precision: str, opset: int, fixed_size:
 def read(folder: Path) -> tuple[dict, ModelMeta]:
     """segkit.json of a bundle folder: the description and the model's metadata, or one error saying what is wrong."""
     path = Path(folder) / META
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not text; export the model again") from None
-    except ValueError as e:  # cut off mid-write or copy, or edited into invalid JSON
-        raise UserError(f"{path}: not complete JSON ({e}); the file was cut short or edited: export the model "
-                        "again") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
+    info = read_json(path, "export the model again")
+    if info.get("format") != FORMAT:
         raise UserError(f"{path}: not a segkit bundle description; export the model again with export.py")
     meta = ModelMeta.from_dict(info.get("meta"), str(path))
     name = info.setdefault("model", MODEL)
@@ -84,6 +78,6 @@ def check_graph(folder: Path, info: dict, meta: ModelMeta, inputs: list, outputs
         raise UserError(f"{where} disagree: the description says {meta.out_channels} output(s) (classes "
                         f"{', '.join(meta.class_names)}), the graph gives {out[1]}; {fix}")
     fixed = info.get("fixed_size")
-    if any(isinstance(s, int) and s != fixed for s in shape[2:]):
+    if any(s != fixed if isinstance(s, int) else fixed for s in shape[2:]):
         raise UserError(f"{where} disagree: the description says input size {fixed or 'any'}, the graph takes "
                         f"{shape[2]} x {shape[3]}; {fix}")

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from errors import UserError, problem_list, raise_problems
-from fileio import IMAGE_EXTENSIONS, is_image_file, read_image, write_text
+from fileio import IMAGE_EXTENSIONS, exif_orientation, is_image_file, read_image, write_text
 
 IGNORE_INDEX = 255  # class index of ignored pixels (--ignore-label, padding, fill of rotated corners)
 MAX_CLASSES = 254
 MAX_LISTED = 6  # problems / files shown per message before "... and N more"
 RESERVED_FOLDERS = ("images", "gt")
-CHECK_RULES = 3  # raised when check_splits learns new rules: datasets checked by older rules are checked again
+CHECK_RULES = 4  # raised when check_splits learns new rules: datasets checked by older rules are checked again
 
 
 def _more(items: list, n: int = MAX_LISTED) -> str:
@@ -352,6 +352,9 @@ class SampleInfo:
     dtype: str = ""  # of the stacked image
     types: str = ""  # the files' own pixel types: "uint8", or "uint16 image + uint8 nir" where they differ
     mask_values: dict[int, int] = field(default_factory=dict)
+    digest: str = ""  # of the image's pixels: copies under other names (or formats) share it
+    image_is_mask: bool = False  # the image holds its own mask's values: masks given as images
+    orientation: int = 0  # a JPEG's EXIF orientation (2-8: read turned upright, as viewers show it)
     mins: np.ndarray | None = None  # per channel
     maxs: np.ndarray | None = None
     sums: np.ndarray | None = None  # per channel, float64, with_stats only
@@ -372,9 +375,12 @@ def inspect_sample(sample: Sample, with_stats: bool) -> SampleInfo:
     types = [str(p.dtype) for p in parts]
     info.types = types[0] if len(set(types)) == 1 else " + ".join(
         f"{t} {name}" for t, name in zip(types, ["image", *(b.parent.name for b in sample.bands)], strict=True))
+    info.digest = hashlib.blake2b(image.tobytes(), digest_size=10).hexdigest()
+    info.orientation = exif_orientation(sample.image) if sample.image.suffix.lower() in (".jpg", ".jpeg") else 0
     if mask is not None:
         counts = np.bincount(mask.ravel(), minlength=1)
         info.mask_values = {int(v): int(c) for v, c in enumerate(counts) if c}
+        info.image_is_mask = bool(parts[0].shape[:2] == mask.shape and (parts[0][..., 0] == mask).all())
     if info.error is None:
         flat = image.reshape(-1, image.shape[2])
         info.mins, info.maxs = flat.min(0).astype(np.float64), flat.max(0).astype(np.float64)
@@ -568,6 +574,7 @@ class DataSummary:
     sizes: dict[str, list[tuple[int, int]]]  # split -> (height, width) per sample, in sample order
     seconds: float
     types: str = ""  # the files' own pixel types where they differ: "uint16 image + uint8 nir"
+    warnings: list[str] = field(default_factory=list)  # what makes the data train yet measure little: said each run
 
     @property
     def rgb8(self) -> bool:
@@ -604,7 +611,34 @@ def check_splits(splits: dict[str, list[Sample]], labels: Labels, workers: int) 
     dtype = next(i.dtype for i in train_ok if (i.channels, i.types) == layout)
     return DataSummary(layout[0], dtype, channel_stats(infos["train"], labels),
                        {name: [(i.height, i.width) for i in split_infos] for name, split_infos in infos.items()},
-                       round(time.monotonic() - t0, 2), layout[1] if " + " in layout[1] else "")
+                       round(time.monotonic() - t0, 2), layout[1] if " + " in layout[1] else "",
+                       measuring_warnings(infos, labels))
+
+
+def measuring_warnings(infos: dict[str, list[SampleInfo]], labels: Labels) -> list[str]:
+    """Data that trains but whose scores would mean little, or whose masks may not match what the user saw."""
+    warnings, train = [], {i.digest: i.image for i in infos["train"] if not i.error}
+    for name, split_infos in infos.items():
+        ok = [i for i in split_infos if not i.error]
+        copies = [(i.image, train[i.digest]) for i in ok if name != "train" and i.digest in train
+                  and Path(i.image).resolve() != Path(train[i.digest]).resolve()]  # the same folder: said before
+        if copies:
+            warnings.append(f"{len(copies)} of the {len(ok)} {name} images are copies of training images (e.g. "
+                            f"{copies[0][0]} = {copies[0][1]}): their scores measure memory, not new images; hold "
+                            "images out of training for validation")
+        as_masks = [i.image for i in ok if i.image_is_mask]
+        if len(as_masks) > len(ok) // 2:
+            warnings.append(f"{len(as_masks)} {name} images hold exactly their own masks (e.g. {as_masks[0]}): "
+                            "masks given as images? images/ must hold the pictures, gt/ the masks")
+        if name != "train" and ok and not any(v in labels.values for i in ok for v in i.mask_values):
+            warnings.append(f"no {name} mask holds a class ({labels.flag}): every {name} image is all background, "
+                            "so its mIoU cannot measure the classes; put images with the classes in it")
+        turned = [i.image for i in ok if i.orientation > 1]
+        if turned:
+            warnings.append(f"{len(turned)} {name} JPEG(s) carry an EXIF orientation (phone pictures, e.g. "
+                            f"{turned[0]}): segkit reads them turned upright, as photo viewers show them; their "
+                            "masks must be drawn on the upright picture")
+    return warnings
 
 
 def checked_splits(splits: dict[str, list[Sample]], labels: Labels, add_dirs: list[str], cache_dir: Path,
@@ -622,7 +656,7 @@ def checked_splits(splits: dict[str, list[Sample]], labels: Labels, add_dirs: li
         data = saved["data"]
         return DataSummary(data["channels"], data["dtype"], ChannelStats(**data["stats"]),
                            {k: [tuple(s) for s in v] for k, v in data["sizes"].items()}, data["seconds"],
-                           data.get("types", ""))
+                           data["types"], data["warnings"])
     summary = check_splits(splits, labels, workers)
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_text(cache, json.dumps({"key": key, "data": asdict(summary)}))

@@ -7,6 +7,7 @@ else through OpenCV's imdecode/imencode on bytes, so paths with non-ASCII charac
 import contextlib
 import errno
 import io
+import json
 import logging
 import mmap
 import os
@@ -217,6 +218,29 @@ def _read_tiff(path: Path) -> np.ndarray:
     return np.ascontiguousarray(data)
 
 
+def exif_orientation(path: Path) -> int:
+    """A JPEG's EXIF orientation: 1 upright as stored, 2-8 flipped or turned (phone pictures), 0 none."""
+    with open(path, "rb") as f:
+        data = f.read(2 ** 16)
+    pos = 2 if data.startswith(b"\xff\xd8") else len(data)
+    try:
+        while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] not in (0xDA, 0xD9):
+            length = struct.unpack_from(">H", data, pos + 2)[0]
+            if data[pos + 1] == 0xE1 and data[pos + 4:pos + 10] == b"Exif\x00\x00":
+                tiff = data[pos + 10:pos + 2 + length]
+                order = "<" if tiff[:2] == b"II" else ">"
+                ifd = struct.unpack_from(order + "I", tiff, 4)[0]
+                for i in range(struct.unpack_from(order + "H", tiff, ifd)[0]):
+                    tag, _, _, value = struct.unpack_from(order + "HHIH", tiff, ifd + 2 + 12 * i)
+                    if tag == 0x0112:
+                        return value
+                return 0
+            pos += 2 + length
+    except struct.error:  # a damaged EXIF block: no orientation to apply
+        return 0
+    return 0
+
+
 def is_palette_png(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(26)
@@ -334,7 +358,12 @@ def scratch_folder(beside: Path) -> Iterator[Path]:
 
 
 def publish_folder(scratch: Path, target: Path) -> None:
-    """Rename a filled scratch folder to `target`, which must not exist or be an empty folder."""
+    """Rename a filled scratch folder to `target`, which must not exist or be an empty folder. An empty folder
+    reached through a symbolic link stays where the link points: the files move into it."""
+    if target.is_symlink() and target.is_dir():
+        for f in scratch.iterdir():
+            shutil.move(f, target.resolve() / f.name)  # maybe another file system
+        return
     if target.is_dir() and not any(target.iterdir()):
         target.rmdir()
     scratch.rename(target)
@@ -360,6 +389,20 @@ def output_file(path: Path, flag: str) -> Path:
         raise UserError(f"{flag} {path} is a folder; give a file name")
     output_folder(path.parent, flag)
     return path
+
+
+def read_json(path: Path, fix: str, kind: type = dict):
+    """A JSON object (or `kind`) a tool wrote, or one error line where it is cut short (a run still writing it, an
+    interrupted copy), damaged or of another shape, ending with `fix`."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not text; {fix}") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not complete JSON ({e}): cut short or damaged; {fix}") from None
+    if not isinstance(data, kind):
+        raise UserError(f"{path}: holds JSON, but not what segkit writes there; {fix}")
+    return data
 
 
 def write_text(path: Path, text: str) -> None:

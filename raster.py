@@ -85,6 +85,8 @@ class RasterReader:
         self.height, self.width, self.bands, self.dtype = layout
         if not self.height or not self.width:
             raise damaged(self.path, f"it declares an empty image of {self.width} x {self.height} px")
+        self._bits = np.dtype(self.dtype)  # as decoded: 1-bit TIFFs decode to bool, read() gives them as uint8 0/255
+        self.dtype = np.dtype(np.uint8) if self._bits.kind == "b" else self._bits
         self._page = page
         self._segments = [page.decode(None, i)[1:] for i in range(len(page.dataoffsets))]  # positions only
         problem = tiff_segments_problem(page, self.path.stat().st_size)
@@ -110,7 +112,7 @@ class RasterReader:
         except Exception as e:  # noqa: BLE001 -- a damaged segment: the codecs raise many types
             raise unreadable(self.path, e) from None
         if seg is None:  # a sparse TIFF leaves empty segments out: they hold the nodata value
-            seg = np.full(self._segments[index][1], self._page.nodata, self.dtype)
+            seg = np.full(self._segments[index][1], self._page.nodata, self._bits)
         self._cache[index] = seg
         self._cached += seg.nbytes
         while self._cached > self.cache_bytes and len(self._cache) > 1:
@@ -125,7 +127,7 @@ class RasterReader:
             except OSError as e:  # a memory-mapped file cut short after it was opened
                 raise unreadable(self.path, e) from None
         separate, contig = self._page.shaped[0], self._page.shaped[4]
-        out = np.zeros((separate, h, w, contig), self.dtype)
+        out = np.zeros((separate, h, w, contig), self._bits)
         for index, (pos, shape) in enumerate(self._segments):
             sy, sx, sh, sw = pos[2], pos[3], shape[1], shape[2]
             y0, y1, x0, x1 = max(y, sy), min(y + h, sy + sh), max(x, sx), min(x + w, sx + sw)
@@ -136,7 +138,8 @@ class RasterReader:
                 except (ValueError, IndexError) as e:  # a segment that decodes to another shape than declared
                     raise unreadable(self.path, e) from None
         out = np.moveaxis(out[..., 0], 0, -1) if separate > 1 else out[0]
-        return out[..., 0] if out.shape[-1] == 1 else out
+        out = out[..., 0] if out.shape[-1] == 1 else out
+        return out.view(np.uint8) * np.uint8(255) if out.dtype.kind == "b" else out  # 1-bit: black and white, as shown
 
     def close(self) -> None:
         if self._tif is not None:

@@ -290,7 +290,7 @@ def check_data(args: argparse.Namespace, splits: dict, labels, exp_dir: Path, pr
         data = checked_splits(splits, labels, args.add_dirs.split(), Path(args.log_dir) / ".dataset-checks",
                               max(1, workers))
         for note in (zero_listed_note(labels, data.stats.class_pixels),
-                     constant_channel_note(data.stats, args.add_dirs.split())):
+                     constant_channel_note(data.stats, args.add_dirs.split()), *data.warnings):
             if note:
                 warn(note)
         exp_dir.mkdir(parents=True, exist_ok=True)  # the experiment folder appears once its data is sound

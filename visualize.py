@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from cli import Parser
-from errors import UserError, run_cli
+from errors import UserError, note, run_cli
 
 IGNORE_COLOR = (96, 96, 96)
 FALSE_POSITIVE = (255, 64, 64)   # predicted, not in truth: red
@@ -125,11 +125,22 @@ def read_metrics(exp_dir: Path) -> list[dict[str, float]]:
     if not path.is_file():
         hint = "it is a file; give its experiment folder" if exp_dir.is_file() else "give a folder train.py wrote"
         raise UserError(f"{exp_dir}: no metrics.csv there ({hint}, e.g. logs/my_exp)")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in csv.DictReader(f)]
-    if not rows:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        lines = list(csv.reader(f))
+    header, rows = (lines[0], lines[1:]) if lines else ([], [])
+    numbers = []
+    for i, row in enumerate(rows):
+        try:
+            if len(row) != len(header):
+                raise ValueError(f"{len(row)} of {len(header)} fields")
+            numbers.append({k: float(v) if v else math.nan for k, v in zip(header, row, strict=True)})
+        except ValueError as e:
+            if i < len(rows) - 1:
+                raise UserError(f"{path}: line {i + 2} is damaged ({e}); restore the file or train again") from None
+            note(f"{path}: its last line is incomplete (a run still writing it, or a copy cut short); left out")
+    if not numbers or "epoch" not in header:
         raise UserError(f"{path}: no epoch finished yet; train for at least one epoch")
-    return rows
+    return numbers
 
 
 def plot_curves(rows: list[dict[str, float]], title: str, path: Path) -> None:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from cli import Parser
 from errors import UserError, run_cli
-from fileio import is_image_file, publish_folder, read_image, scratch_folder, write_image, write_text
+from fileio import is_image_file, publish_folder, read_image, read_json, scratch_folder, write_image, write_text
 
 WORK = ".segkit-converting"  # the in-place conversion's folder inside the mask folder
 PLAN = "replace.json"  # written once every mask is converted: from then on the conversion only needs finishing
@@ -126,10 +126,13 @@ def convert_all(files: list[Path], into: Path, convert, strict: bool, colour: bo
 
 
 def replace_in_place(folder: Path, work: Path) -> int:
-    """Move every converted mask of a finished conversion over its original (a JPEG's PNG replaces the JPEG)."""
-    plan = json.loads((work / PLAN).read_text(encoding="utf-8"))
+    """Move every converted mask of a finished conversion over its original (a JPEG's PNG replaces the JPEG),
+    keeping the original's permissions."""
+    plan = read_json(work / PLAN, f"remove the folder {work} and convert again")
     for name, original in plan.items():
         if (work / name).exists():
+            if (folder / original).exists():
+                shutil.copymode(folder / original, work / name)
             os.replace(work / name, folder / name)
         if original != name:
             (folder / original).unlink(missing_ok=True)

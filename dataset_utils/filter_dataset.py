@@ -24,7 +24,7 @@ from tqdm import tqdm
 from cli import Parser, at_least
 from dataset import Sample, band_folders, pair_files, read_sample, split_folders
 from errors import UserError, run_cli
-from fileio import output_file, output_folder, write_text
+from fileio import output_file, output_folder, read_json, write_text
 from raster import nodata_pixels
 from runtime import cpu_count
 
@@ -73,7 +73,7 @@ def move_samples(samples: list[tuple[Path, Sample]], target: Path) -> None:
 
 def finish_moves(target: Path) -> int:
     """Carry out the planned moves in target (those not done yet); the number of files in the plan."""
-    plan = json.loads((target / MOVES).read_text(encoding="utf-8"))
+    plan = read_json(target / MOVES, f"finish the moves by hand, then remove {target / MOVES}", list)
     for src, dest in plan:
         if Path(src).exists() and not Path(dest).exists():
             Path(dest).parent.mkdir(parents=True, exist_ok=True)

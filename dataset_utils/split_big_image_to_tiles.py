@@ -10,6 +10,7 @@ GeoTIFF georeferencing is carried to every tile.
 """
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from cli import Parser, at_least
 from dataset import check_band_names
 from errors import UserError, run_cli
-from fileio import TIFF_EXTENSIONS, output_folder, scratch_folder, write_image, write_text
+from fileio import TIFF_EXTENSIONS, is_image_file, output_folder, read_json, scratch_folder, write_image, write_text
 from raster import RasterReader, check_size, extratags, nodata_pixels, shifted_geo, tile_starts
 
 TILE_NAME = "{stem}_r{y:04d}_c{x:04d}"
@@ -129,7 +130,12 @@ def split(args: argparse.Namespace) -> dict:
         raise UserError("--skip-empty needs --mask")
     kinds = {name: tile_kind(r.path, args.format, r.dtype, r.bands) for name, r in rasters.items()}
     out = output_folder(Path(args.output_dir), "-o")
-    existing = [p for name in rasters for p in (out / name).glob(f"{stem}_r*_c*") if (out / name).is_dir()]
+    manifest = read_manifest(out / "manifest.json")  # another tool's is refused now, not after the tiling
+    # Only the tiles an earlier tiling of this scene wrote: a user's own file beside them (a hand-corrected mask
+    # saved as <tile>_fixed.png) is never replaced.
+    tile_name = re.compile(re.escape(stem) + r"_r\d{4,}_c\d{4,}")
+    existing = [p for name in rasters if (out / name).is_dir() for p in (out / name).iterdir()
+                if is_image_file(p) and tile_name.fullmatch(p.stem)]
     if existing and not args.overwrite:
         raise UserError(f"{out} already holds {len(existing)} tile(s) of {stem} (e.g. {existing[0]}); remove them or "
                         "pass --overwrite")
@@ -148,7 +154,8 @@ def split(args: argparse.Namespace) -> dict:
     entry = {"image": str(image.path), "height": image.height, "width": image.width, "bands": image.bands,
              "dtype": str(np.dtype(image.dtype)), "tile_size": tile, "overlap": overlap, "edge": args.edge,
              "folders": kinds, "geo": {str(k): v for k, v in image.geo.items()}, "tiles": kept}
-    add_to_manifest(out / "manifest.json", stem, entry)
+    manifest["sources"][stem] = entry
+    write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     print(f"{image.path.name} ({image.width}x{image.height}, {image.bands} band(s) {np.dtype(image.dtype)}): "
           f"{len(kept)} of {len(ys) * len(xs)} tiles of {tile} px, overlap {overlap} px, written to {out} "
           f"({', '.join(rasters)})" + "".join(f"; {n} skipped ({why})" for why, n in skipped.items() if n))
@@ -157,10 +164,13 @@ def split(args: argparse.Namespace) -> dict:
     return entry
 
 
-def add_to_manifest(manifest: Path, stem: str, entry: dict) -> None:
-    data = json.loads(manifest.read_text(encoding="utf-8")) if manifest.exists() else {"sources": {}}
-    data["sources"][stem] = entry
-    write_text(manifest, json.dumps(data, indent=1))
+def read_manifest(path: Path) -> dict:
+    """The output folder's manifest.json: the tilings so far, {"sources": {scene: entry}}."""
+    fix = "it is not the tiler's: tile into another -o folder, or move that manifest.json away"
+    data = read_json(path, fix) if path.exists() else {"sources": {}}
+    if not isinstance(data.get("sources"), dict):
+        raise UserError(f"{path}: a manifest.json without the tiler's 'sources' (another tool's?); {fix}")
+    return data
 
 
 def main() -> int:

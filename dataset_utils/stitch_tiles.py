@@ -9,7 +9,6 @@ values are averaged (images, probabilities) or taken from the tile whose centre 
 one band), so tiles cut from a raster rebuild it bit for bit. GeoTIFF georeferencing from the manifest is restored.
 """
 import argparse
-import json
 import re
 import sys
 from collections import defaultdict
@@ -21,8 +20,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cli import Parser
-from errors import UserError, run_cli
-from fileio import IMAGE_EXTENSIONS, TIFF_EXTENSIONS, is_image_file, output_folder, read_image, write_image
+from errors import UserError, note, run_cli
+from fileio import IMAGE_EXTENSIONS, TIFF_EXTENSIONS, is_image_file, output_folder, read_image, read_json, write_image
 from raster import extratags
 
 NAME = re.compile(r"^(?P<scene>.+)_r(?P<y>\d+)_c(?P<x>\d+)$")
@@ -42,13 +41,24 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def find_manifest(tiles: Path, given: str | None) -> dict:
+    """The tiler's manifest: the scenes' sizes and georeference. One found beside the tiles that another tool
+    wrote is passed over with a note; one given with --manifest must be the tiler's."""
     if given:
         path = Path(given)
         if not path.is_file():
             raise UserError(f"--manifest {path}: file not found")
     else:
         path = next((p for p in (tiles / "manifest.json", tiles.parent / "manifest.json") if p.is_file()), None)
-    return json.loads(path.read_text(encoding="utf-8"))["sources"] if path else {}
+    if path is None:
+        return {}
+    data = read_json(path, "give the tiler's manifest with --manifest", (dict, list))
+    sources = data.get("sources") if isinstance(data, dict) else None
+    if isinstance(sources, dict) and all(isinstance(v, dict) for v in sources.values()):
+        return sources
+    if given:
+        raise UserError(f"--manifest {path}: not a manifest of split_big_image_to_tiles.py (no 'sources')")
+    note(f"{path} is not a manifest of split_big_image_to_tiles.py (another tool's?); scene sizes come from the tiles")
+    return {}
 
 
 def stitch_scene(tiles: list[tuple[int, int, Path]], height: int | None, width: int | None, blend: str
@@ -57,6 +67,11 @@ def stitch_scene(tiles: list[tuple[int, int, Path]], height: int | None, width: 
     if height is None:  # no manifest: the extent of the tiles
         height = max(y + first.shape[0] for y, _, _ in tiles)
         width = max(x + first.shape[1] for _, x, _ in tiles)
+        if height * width > 16 * len(tiles) * first.shape[0] * first.shape[1]:  # a few tiles spread over a vast area
+            y, x, far = max(tiles, key=lambda t: t[0] + t[1])
+            raise UserError(f"{far}: its name puts it at row {y}, column {x}, so {len(tiles)} tile(s) would make a "
+                            f"{width} x {height} px scene, mostly empty; is it a tile of this scene? move or rename "
+                            "it, or give the tiling's --manifest")
     labels = first.ndim == 2 and first.dtype.kind in "ui"
     mode = ("center" if labels else "mean") if blend == "auto" else blend
     out = np.zeros((height, width, *first.shape[2:]), first.dtype)

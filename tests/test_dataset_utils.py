@@ -312,3 +312,63 @@ def test_tools_never_import_torch(tmp_path):
         r = subprocess.run([sys.executable, "-c", probe.format(root=str(ROOT)), *map(str, run)], capture_output=True,
                            text=True, cwd=ROOT)
         assert r.stdout.strip().splitlines()[-1] == "False", (run, r.stdout[-300:], r.stderr[-300:])
+
+
+def test_overwrite_replaces_only_the_tiles_the_tiler_wrote(scene):
+    """A user's file among the tiles (a hand-corrected mask saved beside its tile) survives --overwrite; a tiler
+    output folder whose manifest.json is another tool's is refused before any tiling."""
+    folder, _, _ = scene
+    args = ["--image", folder / "scene.tif", "--mask", folder / "scene_mask.tif", "-o", folder / "t"]
+    assert tool("split_big_image_to_tiles", *args, "--tile-size", "128").returncode == 0
+    fixed = folder / "t" / "gt" / "scene_r0000_c0000_fixed.png"
+    write_image(fixed, np.full((128, 128), 255, np.uint8))
+    assert tool("split_big_image_to_tiles", *args, "--tile-size", "100", "--overwrite").returncode == 0
+    assert fixed.is_file() and (read_image(fixed) == 255).all()
+    assert all(read_image(p).shape[0] == 100 for p in (folder / "t" / "images").iterdir())
+    (folder / "other").mkdir()
+    (folder / "other" / "manifest.json").write_text(json.dumps({"images": [{"id": 1, "file": "a.png"}]}))
+    assert_user_error(tool("split_big_image_to_tiles", "--image", folder / "scene.tif", "-o", folder / "other"),
+                      "manifest.json without the tiler's 'sources'", "another -o folder")
+    assert sorted(p.name for p in (folder / "other").iterdir()) == ["manifest.json"]
+    (folder / "t" / "manifest.json").write_text('{"sources": {"scene": {"height": 30')  # cut short
+    assert_user_error(tool("split_big_image_to_tiles", *args, "--tile-size", "128", "--overwrite"),
+                      "manifest.json: not complete JSON")
+
+
+def test_stitch_passes_over_foreign_manifests_and_far_flung_tile_names(tmp_path):
+    (tmp_path / "t").mkdir()
+    for x in (0, 6):
+        write_image(tmp_path / "t" / f"s_r0000_c{x:04d}.png", np.full((10, 10), 1, np.uint8))
+    (tmp_path / "manifest.json").write_text(json.dumps([{"label": "water"}]))  # a labelling tool's
+    r = tool("stitch_tiles", tmp_path / "t", "-o", tmp_path / "o.png")
+    assert r.returncode == 0 and "note:" in r.stdout and "not a manifest of split_big_image_to_tiles" in r.stderr \
+        + r.stdout, r.stdout + r.stderr
+    assert_user_error(tool("stitch_tiles", tmp_path / "t", "-o", tmp_path / "o2.png", "--manifest",
+                           tmp_path / "manifest.json"), "not a manifest of split_big_image_to_tiles.py")
+    write_image(tmp_path / "t" / f"s_r{10 ** 17}_c0000.png", np.full((10, 10), 1, np.uint8))
+    assert_user_error(tool("stitch_tiles", tmp_path / "t", "-o", tmp_path / "o3.png"),
+                      f"s_r{10 ** 17}_c0000.png: its name puts it at row {10 ** 17}", "move or rename it")
+
+
+def test_in_place_conversion_keeps_permissions_and_bilevel_masks_read(tmp_path):
+    masks = tmp_path / "gt"
+    masks.mkdir()
+    write_image(masks / "a.png", np.array([[0, 64, 128, 255]], np.uint8))
+    (masks / "a.png").chmod(0o640)
+    assert tool("convert_classes_in_masks", masks, "--map", "64:1 128:2 255:0").returncode == 0
+    assert (masks / "a.png").stat().st_mode & 0o777 == 0o640
+    bilevel = np.zeros((40, 50), bool)
+    bilevel[10:20, 10:30] = True
+    tifffile.imwrite(tmp_path / "b.tif", bilevel, compression="packbits")  # 1 bit per pixel
+    assert read_image(tmp_path / "b.tif").tolist() == (bilevel * 255).astype(np.uint8).tolist()
+    reader = RasterReader(tmp_path / "b.tif")
+    assert reader.dtype == np.uint8 and (reader.read(5, 5, 20, 30) == (bilevel * 255)[5:25, 5:35]).all()
+
+
+def test_output_folder_given_as_a_link_to_an_empty_folder(tmp_path):
+    src = make_dataset(tmp_path / "all")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    r = tool("split_dataset", src / "train", "-o", tmp_path / "link", "--val", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "train" / "images").is_dir()

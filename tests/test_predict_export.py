@@ -315,3 +315,95 @@ def infer_venv() -> Path:
         (venv / "ok").touch()
     assert subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True).returncode != 0
     return venv
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, ckpt) -> Path:
+    folder = tmp_path_factory.mktemp("b") / "bundle"
+    assert run_script("export.py", "-m", ckpt, "-o", folder).returncode == 0
+    return folder
+
+
+def edited(info: dict, how: str) -> dict | str:
+    """segkit.json as a user's copy or edit makes it: from another export, or cut off."""
+    meta = info["meta"]
+    if how == "other bands":
+        meta.update(in_channels=5, add_dirs=["nir", "kv"])
+    elif how == "other classes":
+        meta.update(out_channels=3, labels={**meta["labels"], "values": [1, 2]})
+    elif how == "other input size":
+        info["fixed_size"] = 192
+    elif how == "cut off":
+        return json.dumps(info)[:300]
+    return info
+
+
+@pytest.mark.parametrize("how,needles", [
+    ("other bands", ["disagree", "5 input channels (image + nir + kv)", "graph takes 4", "export the model again"]),
+    ("other classes", ["disagree", "3 output(s)", "graph gives 1", "export the model again"]),
+    ("other input size", ["disagree", "input size 192", "export the model again"]),
+    ("cut off", ["segkit.json: not complete JSON", "export the model again"]),
+    ("no segkit.json", ["without the segkit.json", "export the model again"]),
+    ("model.onnx alone", ["model.onnx: an ONNX model without the segkit.json"]),
+])
+def test_a_bundle_whose_parts_disagree_is_named_before_onnxruntime_runs(tmp_path, data, bundle, how, needles):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    info = json.loads((copy / "segkit.json").read_text())
+    if how in ("no segkit.json", "model.onnx alone"):
+        (copy / "segkit.json").unlink()
+    else:
+        new = edited(info, how)
+        (copy / "segkit.json").write_text(new if isinstance(new, str) else json.dumps(new))
+    model = copy / "model.onnx" if how == "model.onnx alone" else copy
+    for script in ("predict.py", "validate.py"):
+        flags = ["-i", data / "val" / "images", "-o", tmp_path / "out"] if script == "predict.py" else \
+            ["-d", data / "val", "-o", tmp_path / "v"]
+        out = assert_user_error(run_script(script, "-m", model, *flags), *needles)
+        assert "onnxruntime" not in out.lower() and "Traceback" not in out
+
+
+def test_choices_made_for_the_user_are_said(tmp_path, data, ckpt):
+    """An experiment without best.pth predicts from last.pth, masks going beside their input images, and a TIFF of
+    several differing images predicted from its first: each said in one line."""
+    (tmp_path / "exp").mkdir()
+    shutil.copy(ckpt, tmp_path / "exp" / "last.pth")
+    r = predict("-m", tmp_path / "exp", "-i", data / "val" / "images", "-o", tmp_path / "out")
+    assert r.returncode == 0 and "note: " in r.stdout and "has no best.pth" in r.stdout and "using last.pth" in \
+        r.stdout, r.stdout + r.stderr
+    jpg = tmp_path / "x" / "images"
+    jpg.mkdir(parents=True)
+    write_image(jpg / "a.png", np.zeros((40, 40, 3), np.uint8))
+    bundle_meta = tmp_path / "m8.pth"
+    make_checkpoint(bundle_meta, dtype="uint8")
+    r = predict("-m", bundle_meta, "-i", jpg, "-o", jpg.parent / "images_masks")
+    assert r.returncode == 0 and "warning" not in r.stderr
+    shutil.copy(jpg / "a.png", jpg / "b.jpg")
+    (jpg / "a.png").unlink()
+    r = predict("-m", bundle_meta, "-i", jpg, "-o", jpg)  # b.jpg -> b.png beside it
+    assert r.returncode == 0 and "warning: -o" in r.stderr and "is the folder of the input images" in r.stderr
+    pages = tmp_path / "p" / "images"
+    pages.mkdir(parents=True)
+    with tifffile.TiffWriter(pages / "two.tif") as w:
+        w.write(np.zeros((40, 40, 3), np.uint8), photometric="rgb")
+        w.write(np.zeros((20, 30), np.uint8))
+    r = predict("-m", bundle_meta, "-i", pages, "-o", tmp_path / "p_out")
+    assert r.returncode == 0 and "two.tif holds 2 images of different sizes or types; predicting the first" in \
+        r.stderr, r.stderr
+    assert read_image(tmp_path / "p_out" / "two.tif").shape == (40, 40)
+
+
+def test_damaged_georeference_and_nodata_tags_are_left_out_with_a_warning(tmp_path, ckpt):
+    scene = tmp_path / "in" / "images"
+    scene.mkdir(parents=True)
+    (tmp_path / "in" / "nir").mkdir()
+    image = np.random.default_rng(0).integers(1, 10000, (100, 90, 3), dtype=np.uint16)
+    tags = [(33550, "H", 3, (10, 10, 0), True), (42113, "s", 0, "abc", True)]  # pixel scale as SHORT: foreign
+    tifffile.imwrite(scene / "s.tif", image, extratags=tags, photometric="rgb")
+    write_image(tmp_path / "in" / "nir" / "s.tif", image[..., 0])
+    r = predict("-m", ckpt, "-i", scene, "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "ModelPixelScale tag(s) are damaged or of an unexpected type" in r.stderr
+    assert "GDAL_NODATA tag 'abc' is not a number" in r.stderr
+    with tifffile.TiffFile(tmp_path / "out" / "s.tif") as t:
+        assert 33550 not in t.pages[0].tags and t.pages[0].shape == (100, 90)

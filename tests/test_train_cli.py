@@ -428,6 +428,45 @@ def test_bad_data_gets_one_clear_error(tmp_path, how, needles):
     assert not (tmp_path / "logs" / "bad").exists()  # nothing half-made
 
 
+def measures_little(ds: Path, how: str) -> None:
+    """Data that trains, but whose validation would measure little (or whose masks may not match the pictures)."""
+    if how == "val copies train":
+        for src in sorted((ds / "train" / "images").iterdir())[:2]:
+            shutil.copy(src, ds / "val" / "images" / f"copy_{src.name}")
+            shutil.copy(ds / "train" / "gt" / src.name, ds / "val" / "gt" / f"copy_{src.name}")
+    elif how == "masks as images":
+        for split in ("train", "val"):
+            for p in (ds / split / "images").iterdir():
+                shutil.copy(ds / split / "gt" / p.name, p)
+    elif how == "val without foreground":
+        for p in (ds / "val" / "gt").iterdir():
+            write_image(p, np.zeros_like(read_image(p)))
+    elif how == "exif orientation":
+        from PIL import Image
+
+        for p in list((ds / "train" / "images").iterdir())[:2]:
+            exif = Image.Exif()
+            exif[0x0112] = 3  # turned by 180 degrees: the size stays, the pixels do not
+            Image.fromarray(read_image(p)).save(p.with_suffix(".jpg"), exif=exif, quality=95)
+            p.unlink()
+
+
+@pytest.mark.parametrize("how,needle", [
+    ("val copies train", "2 of the 5 val images are copies of training images (e.g."),
+    ("masks as images", "6 train images hold exactly their own masks (e.g."),
+    ("val without foreground", "no val mask holds a class (the default --class-list 255): every val image is all "
+                               "background"),
+    ("exif orientation", "2 train JPEG(s) carry an EXIF orientation (phone pictures, e.g."),
+])
+def test_data_that_would_measure_little_is_a_warning_before_training(tmp_path, how, needle):
+    ds = make_dataset(tmp_path / "ds")
+    measures_little(ds, how)
+    for run in ("first", "remembered check"):
+        r = train(ds, tmp_path / "logs", "--exp-name", run)
+        assert r.returncode == 0 and f"warning: {needle}" in r.stderr, (run, r.stderr)
+        assert r.stderr.index(f"warning: {needle}") < r.stderr.index("epoch 1")  # before training
+
+
 def test_a_single_training_image_is_named_as_the_cause_of_batches_of_one(tmp_path):
     ds = make_dataset(tmp_path / "ds", n_train=1, n_val=1)  # -b 2, but one sample: a 1x1 bottleneck at 32 px
     assert_user_error(train(ds, tmp_path / "logs"), "the training set holds 1 sample(s), so its batches hold one",

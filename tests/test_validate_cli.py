@@ -230,3 +230,16 @@ def test_validate_sh_picks_the_experiment_trained_last(trained, tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr
     assert (logs / "bin" / "predictions_bin_val" / "metrics.json").exists()
+
+
+def test_curves_of_a_metrics_csv_cut_mid_line(tmp_path):
+    """A metrics.csv still being written (or a copy cut short): its incomplete last row is left out with a note; a
+    damaged row before it is one error line."""
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    rows = "epoch,train_loss,val_loss,val_miou,score\n1,0.9,0.8,0.3,0.3\n2,0.7,0.6,0.5,0.5\n3,0.6,0.5"
+    (exp / "metrics.csv").write_text(rows)
+    r = run_script("visualize.py", "curves", exp)
+    assert r.returncode == 0 and "last line is incomplete" in r.stdout and (exp / "curves.png").is_file(), r.stderr
+    (exp / "metrics.csv").write_text(rows.replace("2,0.7", "2,0.\x00"))
+    assert_user_error(run_script("visualize.py", "curves", exp), "metrics.csv: line 3 is damaged")
