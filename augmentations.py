@@ -26,7 +26,7 @@ from dataset import (
     inspect_sample,
 )
 from errors import UserError, run_cli
-from fileio import output_folder, write_image
+from fileio import image_header, output_folder, write_image
 
 FILL = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": IGNORE_INDEX}
 
@@ -104,6 +104,15 @@ def train_transform(preset: str, image_size: int, rgb8: bool, resize: bool, pad:
     return A.Compose(size + PRESETS[preset](rgb8))
 
 
+def auto_image_size(sizes: list[tuple[int, int]]) -> int:
+    """The largest multiple of 32 that fits the median image's short side, capped at 512."""
+    side = int(np.median([min(h, w) for h, w in sizes]))
+    if side < 32:
+        raise UserError(f"training images are too small ({side} px on the short side); they must be at least "
+                        "32 px, or pass --image-size with --resize")
+    return min(512, side // 32 * 32)
+
+
 # ------------------------------------------------------------------------------------------------------ preview
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser(description="Write before/after pictures of an augmentation preset.",
@@ -113,7 +122,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("-a", "--aug", default="medium", choices=list(PRESETS), help="preset to show (medium)")
     p.add_argument("-n", "--num", type=at_least(1), default=8, help="number of samples (8)")
     p.add_argument("-k", "--variants", type=at_least(1), default=4, help="augmented versions per sample (4)")
-    p.add_argument("--image-size", type=multiple_of_32("--image-size"), default=256, help="training crop size (256)")
+    p.add_argument("--image-size", type=multiple_of_32("--image-size"), default=None,
+                   help="training crop size (default: the one train.py would choose for these images)")
     p.add_argument("--resize", action="store_true", help="resize instead of random crop")
     p.add_argument("--add-dirs", default="", help="extra one-band folders, e.g. 'nir'")
     p.add_argument("--class-list", default=None, help="mask label values that are classes (default 255)")
@@ -133,8 +143,10 @@ def preview(args: argparse.Namespace) -> int:
     if problems:
         raise UserError("\n  ".join(problems))
     stats = channel_stats(infos, labels)
-    transform = train_transform(args.aug, args.image_size, infos[0].channels == 3 and infos[0].dtype == "uint8",
-                                args.resize)
+    headers = [image_header(s.image) for s in find_samples(split, args.add_dirs.split(), masks="optional")]
+    size = args.image_size or auto_image_size([(h.height, h.width) for h in headers if h]
+                                              or [(i.height, i.width) for i in infos])
+    transform = train_transform(args.aug, size, infos[0].channels == 3 and infos[0].dtype == "uint8", args.resize)
     ds = SegmentationDataset(samples, labels, stats, transform)
     out = output_folder(Path(args.output_dir), "-o")
     for index, sample in enumerate(samples):
@@ -146,7 +158,8 @@ def preview(args: argparse.Namespace) -> int:
             tiles.append(visualize.overlay(visualize.to_rgb8(aug), aug_mask, labels.num_classes))
         picture = visualize.panel(tiles, ["original"] + [f"{args.aug} #{k + 1}" for k in range(args.variants)])
         write_image(out / f"{sample.stem}.png", np.ascontiguousarray(picture))
-    print(f"wrote {len(samples)} pictures of preset '{args.aug}' to {out}/ (grey: pixels ignored by the loss)")
+    print(f"wrote {len(samples)} pictures of preset '{args.aug}' at {size} px crops to {out}/ (grey: pixels ignored "
+          "by the loss)")
     return 0
 
 

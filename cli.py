@@ -2,6 +2,7 @@
 status 2, no usage dump), and value types that are checked when the flags are parsed, before any work starts."""
 import argparse
 import math
+import os
 import sys
 
 from errors import is_main_process
@@ -87,3 +88,14 @@ def multiple_of_32(flag: str):
 
     parse.__name__ = "multiple of 32"
     return parse
+
+
+def progress(*args, **kwargs):
+    """A tqdm progress bar where someone watches it live: a terminal, or a notebook running the script (Colab).
+    Written to a file or a pipe, bars are left out: a log gets the one summary line of each stage, not hundreds of
+    carriage-return updates."""
+    from tqdm import tqdm
+
+    watched = sys.stderr.isatty() or "JPY_PARENT_PID" in os.environ or "COLAB_RELEASE_TAG" in os.environ
+    kwargs["disable"] = kwargs.get("disable", False) or not watched or os.environ.get("TQDM_DISABLE") == "1"
+    return tqdm(*args, dynamic_ncols=True, **kwargs)

@@ -188,9 +188,16 @@ class Labels:
     ignore: int | None = None
     strict: bool = True
     flag: str = "--class-list"  # how the user chose the values, for messages
+    given_names: list[str] = field(default_factory=list)  # --class-names, background first; empty: by value
 
     @classmethod
-    def from_args(cls, class_list: str | None, max_mask_val: int | None, ignore_label: int | None) -> "Labels":
+    def from_args(cls, class_list: str | None, max_mask_val: int | None, ignore_label: int | None,
+                  class_names: str | None = None) -> "Labels":
+        labels = cls._from_values(class_list, max_mask_val, ignore_label)
+        return replace(labels, given_names=labels.parse_names(class_names)) if class_names else labels
+
+    @classmethod
+    def _from_values(cls, class_list: str | None, max_mask_val: int | None, ignore_label: int | None) -> "Labels":
         if ignore_label is not None and not 0 <= ignore_label <= 65535:
             raise UserError(f"--ignore-label {ignore_label} must be a mask value between 0 and 65535")
         if max_mask_val is not None:
@@ -232,8 +239,31 @@ class Labels:
 
     @property
     def names(self) -> list[str]:
-        """Class names by label value: background is 0 unless 0 is itself a listed class."""
-        return ["bg" if 0 in self.values else "0", *map(str, self.values)]
+        """Class names, background first: the user's (--class-names), else the label values (background is 0
+        unless 0 is itself a listed class)."""
+        return self.given_names or ["bg" if 0 in self.values else "0", *map(str, self.values)]
+
+    def parse_names(self, text: str) -> list[str]:
+        """--class-names: a file with one name per line, or names separated by commas (or spaces where there is no
+        comma), one per class value in --class-list order, optionally with the background's name first."""
+        path = Path(text)
+        if path.suffix.lower() in (".txt", ".csv") or path.is_file():
+            if not path.is_file():
+                raise UserError(f"--class-names {text}: file not found")
+            from fileio import read_list
+
+            names = read_list(path, "--class-names")
+        else:
+            names = [n.strip() for n in (text.split(",") if "," in text else text.split())]
+        if len(names) == len(self.values):
+            names = ["background", *names]
+        if len(names) != len(self.values) + 1:
+            raise UserError(f"--class-names gives {len(names)} name(s) for the {len(self.values)} class value(s) of "
+                            f"{self.flag}: give one name per value, in that order (the background's name first, if "
+                            "you like), e.g. --class-names \"water\"")
+        if not all(n and n.isprintable() for n in names) or len(set(names)) != len(names):
+            raise UserError(f"--class-names {text!r}: names must be distinct and not empty")
+        return names
 
     def suggested(self, found) -> list[int]:
         """The values a --class-list would list for masks holding `found`: all but background and the ignored."""
@@ -258,11 +288,12 @@ class Labels:
         return values.astype(np.uint8 if values.max() <= 255 else np.uint16)
 
     def to_meta(self) -> dict:
-        return {"values": self.values, "ignore": self.ignore, "strict": self.strict, "flag": self.flag}
+        named = {"names": self.given_names} if self.given_names else {}
+        return {"values": self.values, "ignore": self.ignore, "strict": self.strict, "flag": self.flag, **named}
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Labels":
-        return cls(list(meta["values"]), meta["ignore"], meta["strict"], meta["flag"])
+        return cls(list(meta["values"]), meta["ignore"], meta["strict"], meta["flag"], list(meta.get("names", [])))
 
 
 def mask_to_2d(mask: np.ndarray, path: Path) -> np.ndarray:
@@ -393,11 +424,11 @@ def inspect_sample(sample: Sample, with_stats: bool) -> SampleInfo:
 def scan_samples(samples: list[Sample], with_stats: bool, workers: int, desc: str = "checking") -> list[SampleInfo]:
     """Read every sample once, `workers` at a time (decoders release the GIL), and return what was learnt; never
     raises for bad files."""
-    from tqdm import tqdm
+    from cli import progress
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return list(tqdm(pool.map(lambda s: inspect_sample(s, with_stats), samples), total=len(samples), desc=desc,
-                         leave=False, dynamic_ncols=True, disable=len(samples) < 200))
+        return list(progress(pool.map(lambda s: inspect_sample(s, with_stats), samples), total=len(samples),
+                             desc=desc, leave=False, disable=len(samples) < 200))
 
 
 def dataset_problems(infos: list[SampleInfo], labels: Labels | None, split: str, trained: bool = False

@@ -188,7 +188,7 @@ def _tiff_header(path: Path, source, size: int) -> ImageHeader | None:
 def tiff_segments_problem(page, file_size: int) -> str | None:
     """Why a TIFF page's strips or tiles cannot give its pixels (too few for its declared size, or lying past the
     file's end), or None. tifffile would fill what is missing with zeros after a log line: made-up pixels."""
-    expected = int(np.prod(page.chunked)) * page.shaped[0]
+    expected = int(np.prod(page.chunked))  # strips or tiles of every plane
     if len(page.dataoffsets) < expected:
         return (f"it declares {page.shaped[3]} x {page.shaped[2]} px but holds {len(page.dataoffsets)} of the "
                 f"{expected} {'tiles' if page.is_tiled else 'strips'} they need")

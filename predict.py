@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cli import Parser
+from cli import Parser, progress
 from errors import UserError, note, problem_list, run_cli, warn
 from fileio import check_decodable, dead_link, image_header, is_image_file, output_folder, read_list
 from inference import Predictor, add_prediction_flags
@@ -175,11 +175,9 @@ def announce_large(predictor: Predictor, jobs: list[Job]) -> None:
 def run(predictor: Predictor, jobs: list[Job], settings: Settings) -> tuple[int, int, list[str]]:
     """Predict every input: (pixels, nodata pixels, one line per input that could not be predicted). Stops early
     when the first FAILED_FIRST inputs all fail."""
-    from tqdm import tqdm
-
     pixels = missing = done = 0
     failed: list[str] = []
-    with tqdm(total=len(jobs), desc="predicting", unit="image", leave=False, dynamic_ncols=True) as bar:
+    with progress(total=len(jobs), desc="predicting", unit="image", leave=False) as bar:
         for result in predict_jobs(predictor, jobs, settings):
             bar.update()
             if isinstance(result, Failed):
@@ -214,8 +212,6 @@ def main() -> None:
 
 def scene_progress():
     """A progress bar in rows for each input predicted in bands (a large scene), shown from its first band."""
-    from tqdm import tqdm
-
     bars: dict = {}
 
     def update(job: Job, rows: int, height: int) -> None:
@@ -224,8 +220,7 @@ def scene_progress():
             for old in bars.values():
                 old.close()
             bars.clear()
-            bar = bars[job.image] = tqdm(total=height, desc=job.image.name, unit="row", leave=False,
-                                         dynamic_ncols=True, position=1)
+            bar = bars[job.image] = progress(total=height, desc=job.image.name, unit="row", leave=False, position=1)
         bar.update(rows - bar.n)
 
     return update

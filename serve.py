@@ -175,8 +175,8 @@ def parse_options(fields: dict) -> tuple[str, float | None, bool]:
             threshold = float(threshold)
         except ValueError:
             threshold = -1.0
-        if not 0.0 <= threshold <= 1.0:
-            raise BadRequest(400, f"threshold={fields['threshold']}: give a number between 0 and 1")
+        if not 0.0 < threshold < 1.0:  # nan fails too
+            raise BadRequest(400, f"threshold={fields['threshold']}: give a number between 0 and 1 (not 0 or 1)")
     else:
         threshold = None
     overlay = str(fields.get("overlay", "")).lower() in ("1", "true", "yes", "on")

@@ -15,7 +15,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from augmentations import PRESETS
+from augmentations import PRESETS, auto_image_size
 from cli import Parser, at_least, multiple_of_32, positive
 from dataset import check_band_names, folder_label
 from errors import UserError, run_cli, warn
@@ -29,7 +29,8 @@ RESUME_OVERRIDES = {"epochs", "workers", "cpu", "device", "dataset_dir", "val_di
                     "use_only_add_val", "log_dir", "exp_name", "patience", "amp", "val_tile_size", "log_worst",
                     "encoder_weights", "cache", "compile", "deterministic"}
 # Flags that define the model: a resumed run must not change them.
-MODEL_FLAGS = ("model", "encoder", "add_dirs", "class_list", "max_mask_val", "ignore_label", "image_size", "resize")
+MODEL_FLAGS = ("model", "encoder", "add_dirs", "class_list", "max_mask_val", "ignore_label", "class_names",
+               "image_size", "resize")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -50,6 +51,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='mask values that are classes: "255" (default, binary), "1 2 5" (multi-class, 0 is '
                         "background); other values in the masks become background")
     g.add_argument("--max-mask-val", type=at_least(1), default=None, help="classes are mask values 1..N")
+    g.add_argument("--class-names", default=None,
+                   help='names of the classes, in --class-list order: "water", "building, road, bare land", or a '
+                        ".txt file with one per line; shown wherever a class is (default: the label values)")
     g.add_argument("--ignore-label", type=at_least(0), default=None,
                    help="mask value whose pixels count in neither loss nor metrics (e.g. 254 for 'unknown')")
     g.add_argument("--image-size", type=multiple_of_32("--image-size"), default=None,
@@ -299,17 +303,6 @@ def check_data(args: argparse.Namespace, splits: dict, labels, exp_dir: Path, pr
     return procs.share(data), workers
 
 
-def auto_image_size(sizes: list[tuple[int, int]]) -> int:
-    """The largest multiple of 32 that fits the median image's short side, capped at 512."""
-    import numpy as np
-
-    side = int(np.median([min(h, w) for h, w in sizes]))
-    if side < 32:
-        raise UserError(f"training images are too small ({side} px on the short side); they must be at least "
-                        "32 px, or pass --image-size with --resize")
-    return min(512, side // 32 * 32)
-
-
 # --------------------------------------------------------------------------------------------------- model
 def make_model(args: argparse.Namespace, data, labels, resumed, procs):
     """The model on its device, and its metadata: new, or as the resumed experiment saved them."""
@@ -462,7 +455,7 @@ def main(args: argparse.Namespace) -> int:
         if finished:
             return 0
         labels = resumed.meta.labels if resumed else Labels.from_args(args.class_list, args.max_mask_val,
-                                                                       args.ignore_label)
+                                                                       args.ignore_label, args.class_names)
         splits = find_splits(args)
         data, workers = check_data(args, splits, labels, exp_dir, procs)
         model, meta, weights = make_model(args, data, labels, resumed, procs)

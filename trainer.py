@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import checkpoint
 import metrics
 import visualize
 from checkpoint import Checkpoint, ModelMeta
+from cli import progress
 from errors import UserError, warn
 from fileio import write_text
 from inference import Predictor, TorchRunner
@@ -239,9 +239,8 @@ class Trainer:
         torch.manual_seed(self.cfg.seed * 1000 + epoch)
         loss_sum = torch.zeros((), device=self.cfg.device)
         steps = len(self.train_loader)
-        quiet = {} if self.main else {"disable": True}  # unset, TQDM_DISABLE=1 silences it (benchmarks)
-        bar = tqdm(batches, total=steps, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False, dynamic_ncols=True,
-                   **quiet)
+        bar = progress(batches, total=steps, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False,
+                       disable=not self.main)
         shown = time.monotonic()
         k = self.cfg.accum_steps
         for i, batch in enumerate(bar):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import Parser, at_least
+from cli import Parser, at_least, progress
 from errors import UserError, raise_problems, run_cli
 from inference import add_prediction_flags
 from runtime import AMP_CHOICES
@@ -187,7 +187,7 @@ def plot_panel(thumb: np.ndarray, truth: np.ndarray | None, pred: np.ndarray, nu
     if truth is not None:
         tiles += [visualize.overlay(thumb, truth, num_classes), visualize.overlay(thumb, pred, num_classes),
                   visualize.error_map(truth, pred)]
-        names += ["truth", "prediction", "errors: FP red, FN blue"]
+        names += ["truth", "prediction", "white hit, red false+, blue missed"]
     else:
         tiles.append(visualize.overlay(thumb, pred, num_classes))
         names.append("prediction")
@@ -331,10 +331,8 @@ def predict_all(predictor, loader, evaluation: Evaluation, total: int) -> None:
     """Every batch through the model: whole images on the device; an image over HOST_PIXELS is blended tile by
     tile in host memory, so only tiles occupy the device."""
     import torch
-    from tqdm import tqdm
-
     runner = predictor.runner
-    with tqdm(total=total, desc="predicting", leave=False, dynamic_ncols=True) as bar:
+    with progress(total=total, desc="predicting", leave=False) as bar:
         for batch in loader:
             images = batch["image"]
             if images.shape[1] * images.shape[2] > HOST_PIXELS and not predictor.meta.resize:
@@ -445,11 +443,12 @@ def threshold_sweep(hist: np.ndarray, current: float) -> float:
         tp, fp = above_fg[k], above_bg[k]
         return tp / max(fg.sum() + fp, 1)
 
-    print("threshold   IoU")
-    for t in np.arange(0.05, 0.951, 0.05):
-        print(f"   {t:.2f}   {iou(t):.4f}")
     grid = np.arange(0.01, 0.995, 0.01)
-    best = float(grid[int(np.argmax([iou(t) for t in grid]))])
+    best = round(float(grid[int(np.argmax([iou(t) for t in grid]))]), 2)
+    print("threshold   IoU")
+    for t in sorted({*np.round(np.arange(0.05, 0.951, 0.05), 2).tolist(), best, round(current, 2)}):
+        mark = "  <- best" if t == best else "  <- the model's" if t == round(current, 2) else ""
+        print(f"   {t:.2f}   {iou(t):.4f}{mark}")
     print(f"best threshold {best:.2f}: IoU {iou(best):.4f} (at {current:.2f}: {iou(current):.4f})")
     return best
 

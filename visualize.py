@@ -62,7 +62,8 @@ def overlay(rgb: np.ndarray, mask: np.ndarray, num_classes: int, alpha: float = 
 
 
 def error_map(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Per pixel: correct black, false positive (pred foreground, truth other) red, false negative blue."""
+    """Per pixel: foreground found white, background right black, false positive (predicted foreground, truth
+    other) red, false negative (foreground missed) blue, ignored grey."""
     out = np.zeros((*truth.shape, 3), np.uint8)
     valid = truth != 255
     out[valid & (pred == truth) & (truth > 0)] = TRUE_POSITIVE

@@ -21,9 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
-from tqdm import tqdm
 
-from cli import Parser
+from cli import Parser, progress
 from errors import UserError, run_cli
 from fileio import is_image_file, publish_folder, read_image, read_json, scratch_folder, write_image, write_text
 
@@ -102,7 +101,7 @@ def convert_all(files: list[Path], into: Path, convert, strict: bool, colour: bo
     """Write each converted mask into `into`; (label values now, new name -> original file). Unlisted values or
     colours, with strict, are collected and reported together with nothing written where the user sees it."""
     after, problems, names = Counter(), [], {}
-    for path in tqdm(files, desc="converting", unit="mask", dynamic_ncols=True):
+    for path in progress(files, desc="converting", unit="mask"):
         try:
             new, rest = convert(read_image(path))
         except ValueError as e:

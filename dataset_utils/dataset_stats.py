@@ -16,9 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
-from tqdm import tqdm
 
-from cli import Parser, at_least
+from cli import Parser, at_least, progress
 from dataset import (
     IGNORE_INDEX,
     Labels,
@@ -107,8 +106,8 @@ def stats(args: argparse.Namespace) -> dict:
         pixels = np.zeros(labels.num_classes, np.int64)
         with ThreadPoolExecutor(cpu_count()) as pool:
             read = zip(samples, pool.map(lambda s: read_sample(s, lut), samples), strict=True)
-            for sample, (image, mask) in tqdm(read, total=len(samples), desc=f"reading {split_dir.name}", leave=False,
-                                              dynamic_ncols=True):
+            for sample, (image, mask) in progress(read, total=len(samples), desc=f"reading {split_dir.name}",
+                                                  leave=False):
                 problem = nonfinite_problem(image, sample.image)
                 if problem:
                     raise UserError(problem)

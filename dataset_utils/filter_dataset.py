@@ -19,9 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
-from tqdm import tqdm
 
-from cli import Parser, at_least
+from cli import Parser, at_least, progress
 from dataset import Sample, band_folders, pair_files, read_sample, split_folders
 from errors import UserError, run_cli
 from fileio import output_file, output_folder, read_json, write_text
@@ -100,8 +99,8 @@ def filter_dataset(args: argparse.Namespace) -> dict[str, list[str]]:
         if unpaired:
             raise UserError(f"{len(unpaired)} unpaired file(s) in {split_dir}, e.g. {unpaired[0]}; fix them first")
         with ThreadPoolExecutor(cpu_count()) as pool:
-            shares = list(tqdm(pool.map(lambda s: measure(s, fg_values, args.nodata), samples), total=len(samples),
-                               desc=f"reading {split_dir.name}", unit="sample", leave=False, dynamic_ncols=True))
+            shares = list(progress(pool.map(lambda s: measure(s, fg_values, args.nodata), samples),
+                                   total=len(samples), desc=f"reading {split_dir.name}", unit="sample", leave=False))
         out = []
         for s, (fg, empty) in zip(samples, shares, strict=True):
             why = ("empty" if args.drop_empty and fg == 0 else f"foreground {fg:.4f}" if fg < args.min_fg else

@@ -17,9 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
-from tqdm import tqdm
 
-from cli import Parser, at_least
+from cli import Parser, at_least, progress
 from dataset import check_band_names
 from errors import UserError, run_cli
 from fileio import TIFF_EXTENSIONS, is_image_file, output_folder, read_json, scratch_folder, write_image, write_text
@@ -100,7 +99,7 @@ def write_tiles(args: argparse.Namespace, rasters: dict, kinds: dict, ys: list[i
     kept, skipped = [], {"empty": 0, "nodata": 0}
     for folder in rasters:
         (into / folder).mkdir()
-    for y, x in tqdm([(y, x) for y in ys for x in xs], desc=f"tiling {stem}", unit="tile", dynamic_ncols=True):
+    for y, x in progress([(y, x) for y in ys for x in xs], desc=f"tiling {stem}", unit="tile"):
         h, w = min(tile, image.height - y), min(tile, image.width - x)
         windows = {name: r.read(y, x, h, w) for name, r in rasters.items()}
         if args.skip_empty and not (windows["gt"] > 0).any():

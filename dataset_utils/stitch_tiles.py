@@ -17,9 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
-from tqdm import tqdm
 
-from cli import Parser
+from cli import Parser, progress
 from errors import UserError, note, run_cli
 from fileio import IMAGE_EXTENSIONS, TIFF_EXTENSIONS, is_image_file, output_folder, read_image, read_json, write_image
 from raster import extratags
@@ -80,7 +79,7 @@ def stitch_scene(tiles: list[tuple[int, int, Path]], height: int | None, width: 
         count = np.zeros((height, width), np.uint16)
     else:
         best = np.full((height, width), -1.0, np.float32)  # distance-to-centre score of the tile pasted so far
-    for y, x, path in tqdm(tiles, desc="stitching", unit="tile", leave=False, dynamic_ncols=True):
+    for y, x, path in progress(tiles, desc="stitching", unit="tile", leave=False):
         tile = read_image(path)
         if tile.shape[2:] != first.shape[2:] or tile.dtype != first.dtype:
             raise UserError(f"{path}: {tile.dtype} with shape {tile.shape} differs from the scene's first tile "

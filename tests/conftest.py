@@ -59,7 +59,7 @@ def make_trainer(args, exp: Path, procs):
     from dataset import Labels
     from trainer import Trainer
 
-    labels = Labels.from_args(args.class_list, args.max_mask_val, args.ignore_label)
+    labels = Labels.from_args(args.class_list, args.max_mask_val, args.ignore_label, args.class_names)
     splits = train.find_splits(args)
     data, workers = train.check_data(args, splits, labels, exp, procs)
     model, meta, _ = train.make_model(args, data, labels, None, procs)
@@ -73,7 +73,7 @@ GEO = [(33550, "d", 3, (10.0, 10.0, 0.0), True), (33922, "d", 6, (0, 0, 0, 50000
 
 
 def make_checkpoint(path: Path, arch="unet", encoder="resnet18", values=(255,), add_dirs=(), dtype="uint16",
-                    top=10000.0, tile=64) -> Path:
+                    top=10000.0, tile=64, threshold=0.5, names=()) -> Path:
     """A segkit checkpoint of an untrained network: enough to test everything but the quality of the masks."""
     import torch
 
@@ -83,14 +83,14 @@ def make_checkpoint(path: Path, arch="unet", encoder="resnet18", values=(255,), 
     from model import build_model
 
     torch.manual_seed(0)
-    labels = Labels(list(values))
+    labels = Labels(list(values), given_names=list(names))
     channels = 3 + len(add_dirs)
     net, _ = build_model(arch, encoder, channels, labels.out_channels, "none")
     stats = ChannelStats([top / 3] * channels, [top / 6] * channels, [0.0] * channels, [top] * channels,
                          [1] * labels.num_classes)
     meta = ModelMeta(arch=arch, encoder=encoder, in_channels=channels, out_channels=labels.out_channels,
                      labels=labels, add_dirs=list(add_dirs), stats=stats, dtype=dtype, image_size=64, resize=False,
-                     val_tile_size=tile)
+                     val_tile_size=tile, threshold=threshold)
     checkpoint.save(path, Checkpoint(net.eval().state_dict(), meta, 1, 0.5))
     return path
 

@@ -304,3 +304,51 @@ def test_upload_page_in_a_browser_shows_the_mask(server, data, tmp_path):
         page.wait_for_function("document.getElementById('status').className === 'error'")
         assert "not an image" in page.text_content("#status")
         browser.close()
+
+
+def page_models(tmp_path) -> dict:
+    """The models a user serves: a band model whose threshold validate.py --save-threshold tuned (0.34, not a step
+    of 0.05), a named multi-class RGB model, and an exported bundle of the band model."""
+    saved = make_checkpoint(tmp_path / "saved.pth", add_dirs=("nir",), threshold=0.34)
+    multi = make_checkpoint(tmp_path / "multi.pth", values=(1, 2, 5), dtype="uint8", top=255.0,
+                            names=("background", "building", "road", "bare land"))
+    assert run_script("export.py", "-m", saved, "-o", tmp_path / "bundle").returncode == 0
+    return {"saved threshold": saved, "multi-class": multi, "bundle": tmp_path / "bundle"}
+
+
+@pytest.mark.skipif(chromium() is None, reason="no Chromium here: apt-get install chromium (CI installs it)")
+def test_upload_page_predicts_with_every_kind_of_model(data, tmp_path):
+    """The page's Predict button works with a saved threshold, a multi-class model and a bundle, and while it is
+    disabled it says why (the band file still to choose)."""
+    from playwright.sync_api import sync_playwright
+
+    rgb = tmp_path / "rgb.png"
+    cv2.imwrite(str(rgb), np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    with sync_playwright() as p, open(tmp_path / "serve.log", "w") as log:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        for kind, model in page_models(tmp_path).items():
+            proc, url = start_server(model, log)
+            try:
+                page = browser.new_page()
+                page.goto(url + "/")
+                page.wait_for_function("document.getElementById('about').textContent.includes('unet')")
+                if kind == "multi-class":
+                    assert page.locator("#legend > span").count() == 4
+                    assert "bare land (value 5)" in page.text_content("#legend")
+                    assert page.is_hidden("#threshold-row")
+                    page.set_input_files("#file", str(rgb))
+                else:
+                    assert page.input_value("#threshold") == "0.34"
+                    page.set_input_files("#file", str(data / "val" / "images" / "v001.tif"))
+                    assert page.is_disabled("#go") and "choose the nir band file too" in page.text_content("#why")
+                    page.set_input_files("#band-nir", str(data / "val" / "nir" / "v001.tif"))
+                assert page.is_enabled("#go") and page.text_content("#why") == ""
+                page.click("#go")
+                page.wait_for_function("document.getElementById('mask').naturalWidth > 0", timeout=60000)
+                assert page.get_attribute("#status", "class") != "error", page.text_content("#status")
+                if kind != "multi-class":
+                    assert "0.34" in httpx.get(url + "/model").text
+            finally:
+                proc.terminate()
+                proc.wait(20)
+        browser.close()

@@ -10,11 +10,12 @@ import torch
 from conftest import FAST, ROOT, make_dataset, make_trainer
 
 import loaders
+from augmentations import auto_image_size
 from dataset import Labels
 from errors import UserError
 from losses import loss_weights
 from optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
-from train import auto_image_size, read_add_val_list, warn_large_images
+from train import read_add_val_list, warn_large_images
 from trainer import WorstImages
 
 
