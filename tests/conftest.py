@@ -73,7 +73,7 @@ GEO = [(33550, "d", 3, (10.0, 10.0, 0.0), True), (33922, "d", 6, (0, 0, 0, 50000
 
 
 def make_checkpoint(path: Path, arch="unet", encoder="resnet18", values=(255,), add_dirs=(), dtype="uint16",
-                    top=10000.0, tile=64, threshold=0.5, names=()) -> Path:
+                    top=10000.0, tile=64, threshold=0.5, names=(), train_args=None) -> Path:
     """A segkit checkpoint of an untrained network: enough to test everything but the quality of the masks."""
     import torch
 
@@ -90,7 +90,7 @@ def make_checkpoint(path: Path, arch="unet", encoder="resnet18", values=(255,), 
                          [1] * labels.num_classes)
     meta = ModelMeta(arch=arch, encoder=encoder, in_channels=channels, out_channels=labels.out_channels,
                      labels=labels, add_dirs=list(add_dirs), stats=stats, dtype=dtype, image_size=64, resize=False,
-                     val_tile_size=tile, threshold=threshold)
+                     val_tile_size=tile, threshold=threshold, train_args=train_args or {})
     checkpoint.save(path, Checkpoint(net.eval().state_dict(), meta, 1, 0.5))
     return path
 
