@@ -15,18 +15,12 @@ import cv2
 import numpy as np
 
 import visualize
+from checks import channel_stats, dataset_problems, inspect_sample
 from cli import Parser, at_least, multiple_of_32
-from dataset import (
-    IGNORE_INDEX,
-    Labels,
-    SegmentationDataset,
-    channel_stats,
-    dataset_problems,
-    find_samples,
-    inspect_sample,
-)
+from dataset import SegmentationDataset, find_samples
 from errors import UserError, run_cli
 from fileio import image_header, output_folder, write_image
+from labels import IGNORE_INDEX, Labels
 
 FILL = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": IGNORE_INDEX}
 

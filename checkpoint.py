@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dataset import ChannelStats, Labels
 from errors import UserError, note
 from fileio import as_disk_error, atomic_output
+from labels import ChannelStats, Labels
 
 FORMAT = "segkit-checkpoint"
 VERSION = 2

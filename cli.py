@@ -90,6 +90,20 @@ def multiple_of_32(flag: str):
     return parse
 
 
+def add_runtime_flags(group, workers: bool = True) -> None:
+    """Where a script computes, declared once for every script: -w (loader processes), --cpu, --device, --amp."""
+    from runtime import AMP_CHOICES
+
+    if workers:
+        group.add_argument("-w", "--workers", type=at_least(0), default=None,
+                           help="data-loading processes (default: from the CPU)")
+    group.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    group.add_argument("--device", default=None, help="device: 0, cuda:1, mps, cpu (default: the first GPU, else the "
+                                                      "CPU); bundles run on onnxruntime's own choice")
+    group.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                       help="mixed precision on a GPU: auto = bf16 where the GPU has it, else fp16; off on the CPU")
+
+
 def progress(*args, **kwargs):
     """A tqdm progress bar where someone watches it live: a terminal, or a notebook running the script (Colab).
     Written to a file or a pipe, bars are left out: a log gets the one summary line of each stage, not hundreds of

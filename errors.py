@@ -22,6 +22,12 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def shown(items: list, n: int = 6) -> str:
+    """Up to n items of a list for a message, then how many more: "a, b, c ... and 12 more"."""
+    listed = ", ".join(str(i) for i in items[:n])
+    return listed + (f" ... and {len(items) - n} more" if len(items) > n else "")
+
+
 def problem_list(head: str, problems: list[str], shown: int = 20) -> UserError:
     """One error for several problems: the head, then one line each, up to `shown` of them (a folder of a thousand
     bad files shows the pattern, not a thousand lines)."""

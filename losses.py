@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from dataset import IGNORE_INDEX, Labels
 from errors import UserError
+from labels import IGNORE_INDEX, Labels
 
 
 def _smp(name: str, **kw):

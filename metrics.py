@@ -6,7 +6,7 @@ truth or the prediction; IGNORE_INDEX pixels count nowhere.
 """
 import torch
 
-from dataset import IGNORE_INDEX
+from labels import IGNORE_INDEX
 
 
 def predict_classes(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from checkpoint import ModelMeta, read_weights
-from dataset import ChannelStats, normalization
 from errors import UserError
+from labels import ChannelStats, normalization
 
 ARCHITECTURES = {
     "unet": smp.Unet,

@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cli import Parser, progress
+from cli import Parser, add_runtime_flags, progress
 from errors import UserError, note, problem_list, run_cli, warn
 from fileio import check_decodable, dead_link, image_header, is_image_file, output_folder, read_list
 from inference import Predictor, add_prediction_flags
@@ -51,10 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also write probabilities as <stem>_prob.tif (binary: foreground; else one band per class)")
     g.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.jpg: the mask over the image")
     g = p.add_argument_group("runtime")
-    g.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
-    g.add_argument("--device", default=None, help="device for checkpoints: 0, cuda:1, mps, cpu")
-    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="mixed precision for checkpoints on a GPU (auto: bf16/fp16)")
+    add_runtime_flags(g, workers=False)
     return p
 
 

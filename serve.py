@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import Parser, at_least, pixel_count, positive
+from cli import Parser, add_runtime_flags, at_least, pixel_count, positive
 from errors import UserError, require, run_cli
 from fileio import image_header
 from inference import Predictor, add_prediction_flags
@@ -56,8 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", required=True,
                    help="best.pth / last.pth, an experiment folder (its best.pth) or a bundle folder from export.py")
-    g.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
-    g.add_argument("--device", default=None, help="device for checkpoints: 0, cuda:1, mps, cpu")
+    add_runtime_flags(g, workers=False)
     add_prediction_flags(p.add_argument_group("prediction"), "the model's, at most 384 on the CPU", None,
                          "default: a quarter megapixel on the CPU, 16 on a GPU")
     g = p.add_argument_group("server")
@@ -99,7 +98,7 @@ class Model:
     """The predictor, loaded once, and what a request needs from it; predict() runs in one worker thread only."""
 
     def __init__(self, args: argparse.Namespace):
-        self.predictor = Predictor.load(Path(args.model), device="cpu" if args.cpu else args.device, amp="auto",
+        self.predictor = Predictor.load(Path(args.model), device="cpu" if args.cpu else args.device, amp=args.amp,
                                         tile_size=args.tile_size, overlap=args.overlap, tta=args.tta,
                                         threshold=args.threshold, batch_size=args.batch_size, for_scenes=True)
         self.meta = self.predictor.meta

@@ -16,13 +16,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from augmentations import PRESETS, auto_image_size
-from cli import Parser, at_least, multiple_of_32, positive
+from cli import Parser, add_runtime_flags, at_least, multiple_of_32, positive
 from dataset import check_band_names, folder_label
 from errors import UserError, run_cli, warn
 from fileio import read_list
 from losses import LOSS_NAMES
 from optim import OPTIMIZERS, SCHEDULES
-from runtime import AMP_CHOICES
 
 # Flags a resumed run may change; every other setting comes from the checkpoint.
 RESUME_OVERRIDES = {"epochs", "workers", "cpu", "device", "dataset_dir", "val_dir", "add_val_dirs", "adv_freq",
@@ -98,12 +97,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=at_least(0), default=42, help="seeds data order, augmentations and init (42)")
 
     g = p.add_argument_group("runtime")
-    g.add_argument("-w", "--workers", type=at_least(0), default=None,
-                   help="data-loading processes (default: from the CPU)")
-    g.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    g.add_argument("--device", default=None, help="device: 0, cuda:1, mps, cpu (default: first GPU, else CPU)")
-    g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
-                   help="mixed precision: auto = bf16 on GPUs that have it, fp16 on other GPUs, off on CPU")
+    add_runtime_flags(g)
     g.add_argument("--cache", default="none", choices=["none", "ram"],
                    help="ram: decode every image once and keep it in shared memory (small datasets, slow decoding)")
     g.add_argument("--compile", action="store_true",
@@ -285,7 +279,7 @@ def find_splits(args: argparse.Namespace) -> dict[str, list]:
 def check_data(args: argparse.Namespace, splits: dict, labels, exp_dir: Path, procs):
     """Every file checked and the training set measured, once per dataset (the check is cached in the log folder):
     under torchrun, process 0 reads the data while the others wait for its summary."""
-    from dataset import checked_splits, constant_channel_note, zero_listed_note
+    from checks import checked_splits, constant_channel_note, zero_listed_note
     from runtime import default_workers
 
     workers = args.workers if args.workers is not None else default_workers(procs.device, procs.world)
@@ -444,7 +438,7 @@ def main(args: argparse.Namespace) -> int:
     from runtime import Processes, gc_paused
 
     with gc_paused():
-        from dataset import Labels
+        from labels import Labels
         from trainer import Trainer
 
     check_flags(args)

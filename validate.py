@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import Parser, at_least, progress
+from cli import Parser, add_runtime_flags, at_least, progress
 from errors import UserError, raise_problems, run_cli
 from inference import add_prediction_flags
-from runtime import AMP_CHOICES
 
 MARKER = ".segkit-validate"  # marks an output folder as ours, so a re-run may clear its old files
 SWEEP_BINS = 1000
@@ -52,11 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-threshold", action="store_true",
                    help="with --find-threshold: store the best threshold in the checkpoint for later runs")
     g = p.add_argument_group("runtime")
-    g.add_argument("-w", "--workers", type=at_least(0), default=None,
-                   help="data-loading processes (default: from the CPU)")
-    g.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
-    g.add_argument("--device", default=None, help="device: 0, cuda:1, mps, cpu")
-    g.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision (auto: bf16/fp16 on GPU)")
+    add_runtime_flags(g)
     g = p.add_argument_group("output")
     g.add_argument("-o", "--output-dir", default=None,
                    help="where outputs go (default: a folder next to the checkpoint named after the dataset)")
@@ -97,13 +92,12 @@ def model_path(args: argparse.Namespace) -> Path:
     return checkpoint.find(folder, "-cd")
 
 
-def check_flags(args: argparse.Namespace, predictor) -> None:
+def check_flags(args: argparse.Namespace, predictor, path: Path) -> None:
     if args.find_threshold and not predictor.meta.binary:
         raise UserError("--find-threshold is for binary models; this one has classes "
                         + ", ".join(predictor.meta.class_names))
     if args.save_threshold and not args.find_threshold:
         raise UserError("--save-threshold needs --find-threshold")
-    path = model_path(args)
     if args.save_threshold and (path.suffix != ".pth" or not os.access(path, os.W_OK)
                                 or not os.access(path.parent, os.W_OK)):
         raise UserError(f"--save-threshold rewrites {path}, which is not a checkpoint this run may write; drop "
@@ -112,7 +106,8 @@ def check_flags(args: argparse.Namespace, predictor) -> None:
 
 def check_data(data_dir: Path, predictor, workers: int) -> tuple[list, list[tuple[int, int]]]:
     """The samples and their sizes, every file read once and checked against the model: all problems together."""
-    from dataset import dataset_problems, find_samples, scan_samples, unlisted_note
+    from checks import dataset_problems, scan_samples, unlisted_note
+    from dataset import find_samples
     from fileio import is_image_file
 
     if not (data_dir / "images").is_dir() and (data_dir / "val" / "images").is_dir():
@@ -261,7 +256,7 @@ class Evaluation:
         import torch
 
         import metrics
-        from dataset import IGNORE_INDEX
+        from labels import IGNORE_INDEX
 
         classes = self.predictor.classes(probs)
         self.stems += [self.samples[i].stem for i in batch["index"].tolist()]
@@ -355,7 +350,7 @@ def main(args: argparse.Namespace) -> int:
     device = select_device(args.cpu, args.device)
     predictor = Predictor.load(path, device=str(device), amp=args.amp, tile_size=args.tile_size,
                                overlap=args.overlap, tta=args.tta, batch_size=args.batch_size, threshold=args.threshold)
-    check_flags(args, predictor)
+    check_flags(args, predictor, path)
     configure(device)
     data_dir = Path(args.dataset_dir)
     workers = args.workers if args.workers is not None else default_workers(device)

@@ -38,8 +38,10 @@ from torch.utils.data import DataLoader  # noqa: E402
 import loaders  # noqa: E402
 from augmentations import PRESETS, train_transform  # noqa: E402
 from checkpoint import ModelMeta  # noqa: E402
-from dataset import Labels, SegmentationDataset, channel_stats, find_samples, scan_samples  # noqa: E402
+from checks import channel_stats, scan_samples  # noqa: E402
+from dataset import SegmentationDataset, find_samples  # noqa: E402
 from fileio import write_image  # noqa: E402
+from labels import Labels  # noqa: E402
 from loaders import EpochBatchSampler, RamCache, eval_loader, loader_options  # noqa: E402
 from metrics import ConfusionMatrix  # noqa: E402
 from model import build_model  # noqa: E402

@@ -17,19 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from checks import dataset_problems, label_problems, scan_samples
 from cli import Parser, at_least
-from dataset import (
-    Labels,
-    band_folders,
-    check_band_names,
-    dataset_problems,
-    label_problems,
-    pair_files,
-    scan_samples,
-    split_folders,
-)
+from dataset import band_folders, check_band_names, pair_files, split_folders
 from errors import UserError, run_cli
 from fileio import is_palette_png
+from labels import Labels
 from runtime import cpu_count
 
 

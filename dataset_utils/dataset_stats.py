@@ -17,19 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
+from checks import nonfinite_problem
 from cli import Parser, at_least, progress
-from dataset import (
-    IGNORE_INDEX,
-    Labels,
-    band_folders,
-    check_band_names,
-    nonfinite_problem,
-    pair_files,
-    read_sample,
-    split_folders,
-)
+from dataset import band_folders, check_band_names, pair_files, read_sample, split_folders
 from errors import UserError, run_cli
 from fileio import output_file, write_text
+from labels import IGNORE_INDEX, Labels
 from runtime import cpu_count
 
 PERCENTILES = (1, 2, 50, 98, 99)

@@ -21,10 +21,12 @@ sys.path.insert(0, str(ROOT))
 
 import visualize  # noqa: E402
 from augmentations import train_transform  # noqa: E402
+from checks import channel_stats, inspect_sample  # noqa: E402
 from cli import Parser, at_least  # noqa: E402
-from dataset import Labels, SegmentationDataset, channel_stats, find_samples, inspect_sample  # noqa: E402
+from dataset import SegmentationDataset, find_samples  # noqa: E402
 from errors import UserError, run_cli  # noqa: E402
 from fileio import read_image, write_image  # noqa: E402
+from labels import Labels  # noqa: E402
 
 IMG = ROOT / "img"
 SAMPLE = ROOT / "data" / "sample"

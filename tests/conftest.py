@@ -56,7 +56,7 @@ def make_dataset(root: Path, n_train: int = 6, n_val: int = 3, size: tuple[int, 
 def make_trainer(args, exp: Path, procs):
     """train.py's own pieces, from its parsed flags to a Trainer and its val sets, without training."""
     import train
-    from dataset import Labels
+    from labels import Labels
     from trainer import Trainer
 
     labels = Labels.from_args(args.class_list, args.max_mask_val, args.ignore_label, args.class_names)
@@ -79,7 +79,7 @@ def make_checkpoint(path: Path, arch="unet", encoder="resnet18", values=(255,), 
 
     import checkpoint
     from checkpoint import Checkpoint, ModelMeta
-    from dataset import ChannelStats, Labels
+    from labels import ChannelStats, Labels
     from model import build_model
 
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import pytest
 from conftest import make_dataset, run_script
 
 from augmentations import PRESETS, train_transform
-from dataset import IGNORE_INDEX
+from labels import IGNORE_INDEX
 
 KINDS = {  # name: (channels, dtype, 3-channel 8-bit)
     "grey8": (1, np.uint8, False),

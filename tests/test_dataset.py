@@ -4,27 +4,20 @@ import numpy as np
 import pytest
 from conftest import make_dataset
 
-from dataset import (
-    IGNORE_INDEX,
-    ChannelStats,
-    Labels,
+from checks import (
     SampleInfo,
-    SegmentationDataset,
     channel_stats,
-    check_band_names,
     check_splits,
     constant_channel_note,
     dataset_problems,
-    find_samples,
-    mask_to_2d,
-    masks_elsewhere,
-    read_sample,
     scan_samples,
     smoothed,
     zero_listed_note,
 )
+from dataset import SegmentationDataset, check_band_names, find_samples, mask_to_2d, masks_elsewhere, read_sample
 from errors import UserError
 from fileio import read_image, write_image
+from labels import IGNORE_INDEX, ChannelStats, Labels
 
 
 def test_pairs_by_stem_across_extensions(tmp_path):
@@ -136,14 +129,14 @@ def test_masks_under_another_folder_name_are_pointed_at(tmp_path):
 
 
 def test_a_dataset_check_is_remembered_until_its_files_or_the_rules_change(tmp_path, monkeypatch, capsys):
-    import dataset
+    import checks
 
     make_dataset(tmp_path / "ds", n_train=2, n_val=1, size=(16, 16))
     splits = {name: find_samples(tmp_path / "ds" / name, []) for name in ("train", "val")}
     labels = Labels.from_args(None, None, None)
-    for rules, checked in ((dataset.CHECK_RULES, True), (dataset.CHECK_RULES, False), (dataset.CHECK_RULES + 1, True)):
-        monkeypatch.setattr(dataset, "CHECK_RULES", rules)
-        summary = dataset.checked_splits(splits, labels, [], tmp_path / "cache", workers=1)
+    for rules, checked in ((checks.CHECK_RULES, True), (checks.CHECK_RULES, False), (checks.CHECK_RULES + 1, True)):
+        monkeypatch.setattr(checks, "CHECK_RULES", rules)
+        summary = checks.checked_splits(splits, labels, [], tmp_path / "cache", workers=1)
         assert ("checking 3 samples" in capsys.readouterr().out) == checked and summary.sizes["train"] == [(16, 16)] * 2
 
 

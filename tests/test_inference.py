@@ -8,9 +8,9 @@ from conftest import make_dataset  # noqa: F401  (puts the repo on sys.path)
 from torch import nn
 
 from checkpoint import ModelMeta
-from dataset import ChannelStats, Labels
 from errors import UserError
 from inference import OnnxRunner, Predictor, TorchRunner
+from labels import ChannelStats, Labels
 from raster import tile_starts
 
 

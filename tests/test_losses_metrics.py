@@ -6,8 +6,8 @@ import torch
 from conftest import make_dataset  # noqa: F401  (puts the repo on sys.path)
 
 import metrics
-from dataset import IGNORE_INDEX
 from errors import UserError
+from labels import IGNORE_INDEX
 from losses import LOSS_NAMES, SegmentationLoss
 
 

@@ -7,8 +7,8 @@ from conftest import make_dataset  # noqa: F401  (puts the repo on sys.path)
 
 import checkpoint
 from checkpoint import Checkpoint, ModelMeta
-from dataset import ChannelStats, Labels
 from errors import UserError
+from labels import ChannelStats, Labels
 from model import ARCHITECTURES, build_model, min_input_size
 
 

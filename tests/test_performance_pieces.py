@@ -9,7 +9,9 @@ from conftest import FAST, make_dataset, run_script
 from torch.utils.data import DataLoader
 
 from augmentations import train_transform
-from dataset import Labels, SegmentationDataset, channel_stats, find_samples, scan_samples
+from checks import channel_stats, scan_samples
+from dataset import SegmentationDataset, find_samples
+from labels import Labels
 from loaders import EpochBatchSampler, RamCache, SizeGroupedBatchSampler
 from runtime import configure, gc_paused, worker_init
 

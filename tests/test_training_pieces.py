@@ -11,8 +11,8 @@ from conftest import FAST, ROOT, make_dataset, make_trainer
 
 import loaders
 from augmentations import auto_image_size
-from dataset import Labels
 from errors import UserError
+from labels import Labels
 from losses import loss_weights
 from optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 from train import read_add_val_list, warn_large_images
