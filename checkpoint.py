@@ -1,5 +1,6 @@
-"""The checkpoint: what a trained model is (ModelMeta) and how its files are written and read. Every script goes
-through this module; none reads checkpoint keys or calls torch.load itself.
+"""The checkpoint: what a trained model is (ModelMeta), how its files are written and read, and when a training run
+writes them (CheckpointSaver). Every script goes through this module; none reads checkpoint keys or calls torch.load
+itself.
 
 A checkpoint file is a dict of tensors and plain values, loadable with torch.load(weights_only=True):
   model     the model's state dict
@@ -13,14 +14,16 @@ torch is imported only where files are read or written: ModelMeta also describes
 used where torch is not installed.
 """
 import copy
+import csv
+import io
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from errors import UserError, note
-from fileio import as_disk_error, atomic_output
+from fileio import as_disk_error, atomic_output, write_text
 from labels import ChannelStats, Labels
 
 FORMAT = "segkit-checkpoint"
@@ -28,20 +31,27 @@ VERSION = 2
 SEGKIT_VERSION = "0.2.0"
 
 
+def _set_by(*flags: str) -> dict:
+    """A ModelMeta field set by these train.py flags: a resumed run refuses to change them (see model_flags)."""
+    return {"metadata": {"flags": flags}}
+
+
 @dataclass
 class ModelMeta:
-    """Everything needed to rebuild a model and prepare its input exactly as in training."""
-    arch: str  # a key of model.ARCHITECTURES
-    encoder: str
-    in_channels: int  # image channels + extra bands
-    out_channels: int  # 1 (binary, sigmoid) or the number of classes (softmax)
-    labels: Labels
-    add_dirs: list[str]  # extra band folders, stacked after the image channels in this order
-    stats: ChannelStats  # the training set's exact per-channel statistics: normalisation and value range
-    dtype: str  # pixel type of the training images
-    image_size: int  # training crop (or --resize size)
-    resize: bool
-    val_tile_size: int  # validation predicts images up to this size whole, larger ones in tiles of it
+    """Everything needed to rebuild a model and prepare its input exactly as in training. A setting that shapes the
+    model is one field here, named with the flags that set it: model.build_model reads it from here, and a resumed
+    run refuses to change it."""
+    arch: str = field(**_set_by("model"))  # a key of model.ARCHITECTURES
+    encoder: str = field(**_set_by("encoder"))
+    in_channels: int = field(**_set_by("add_dirs"))  # image channels + extra bands
+    out_channels: int = field(**_set_by("class_list", "max_mask_val"))  # 1 (binary, sigmoid) or the classes (softmax)
+    labels: Labels = field(**_set_by("class_list", "max_mask_val", "ignore_label", "class_names"))
+    add_dirs: list[str] = field(**_set_by("add_dirs"))  # extra band folders, stacked after the image channels
+    stats: ChannelStats = field()  # the training set's exact per-channel statistics: normalisation and value range
+    dtype: str = field()  # pixel type of the training images
+    image_size: int = field(**_set_by("image_size"))  # training crop (or --resize size)
+    resize: bool = field(**_set_by("resize"))
+    val_tile_size: int = field()  # validation predicts images up to this size whole, larger ones in tiles of it
     threshold: float = 0.5  # binary decision threshold (validate.py --save-threshold tunes it)
     types: str = ""  # the training files' own pixel types where they differ: "uint16 image + uint8 nir"
     weights: str = ""  # where the initial weights came from
@@ -82,6 +92,11 @@ class ModelMeta:
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{source}: segkit metadata is incomplete ({type(e).__name__}: {e}); the file is "
                             "damaged or was edited by hand") from None
+
+
+def model_flags() -> tuple[str, ...]:
+    """The train.py flags (argparse names) that shape the model: those a resumed run must not change."""
+    return tuple(dict.fromkeys(f for item in fields(ModelMeta) for f in item.metadata.get("flags", ())))
 
 
 @dataclass
@@ -241,3 +256,77 @@ class BackgroundWriter:
         finally:
             self.jobs.put(None)
             self.thread.join()
+
+
+class CheckpointSaver:
+    """A training run's checkpoint policy (as timm's CheckpointSaver): at an epoch's end best.pth when the val score
+    improved, then last.pth, then metrics.csv from the history last.pth holds, then the log; in the background while
+    the next epoch trains, so the loop never waits for the disk. While a write is still in flight an epoch stays
+    pending (improved weights are copied at once) and the next free epoch end, or flush(), writes the newest: a kill
+    costs at most the epochs since the last write. A run killed at any moment resumes from last.pth and rewrites
+    metrics.csv from it, so the CSV never holds a row the checkpoint does not.
+
+    weights() and training() give the model's and the optimizer's current state; log(rows, worst) runs after each
+    write, with the metrics rows written since the last one."""
+
+    def __init__(self, exp_dir: Path, meta: ModelMeta, weights: Callable[[], dict], training: Callable[[], dict],
+                 log: Callable[[list, list | None], None]):
+        self.exp_dir, self.meta, self.weights, self.training, self.log = Path(exp_dir), meta, weights, training, log
+        self.writer = BackgroundWriter()
+        self.saved_epoch = 0  # the newest epoch handed to the writer: what last.pth holds once it is written
+        self.unsaved: list[dict] = []  # metrics rows of the epochs since
+        self.best: Checkpoint | None = None  # an improved epoch's weights, waiting for the writer
+
+    def start(self, history: list[dict], saved_epoch: int, then: Callable[[], None]) -> None:
+        """metrics.csv as last.pth has it (a resumed run drops rows written after it), then `then` in the writer."""
+        self.saved_epoch = saved_epoch
+        write_csv(self.exp_dir, history)
+        self.writer.submit(then)
+
+    def epoch_end(self, history: list[dict], improved: bool, worst: Callable[[], list | None]) -> None:
+        """The epoch whose row ends `history`: written now if the writer is free, else kept pending."""
+        row = history[-1]
+        self.unsaved.append(row)
+        if not self.writer.busy():
+            self.save(history, improved, worst)
+        elif improved:
+            self.best = Checkpoint(snapshot(self.weights()), self.meta, row["epoch"], row.get("score"))
+
+    def flush(self, history: list[dict], worst: Callable[[], list | None]) -> None:
+        """Write the pending epochs, if any (at the end of a run)."""
+        if self.unsaved:
+            self.save(history, False, worst)
+
+    def save(self, history: list[dict], improved: bool, worst: Callable[[], list | None]) -> None:
+        """Copy what the writes need now (training goes on meanwhile) and hand them to the writer."""
+        epoch, score, weights = history[-1]["epoch"], history[-1].get("score"), snapshot(self.weights())
+        last = Checkpoint(weights, self.meta, epoch, score, snapshot(self.training()))
+        best = Checkpoint(weights, self.meta, epoch, score) if improved else self.best
+        history, rows, pictures = list(history), self.unsaved, worst()
+
+        def job() -> None:
+            if best is not None:
+                save(self.exp_dir / "best.pth", best)
+            save(self.exp_dir / "last.pth", last)
+            write_csv(self.exp_dir, history)
+            self.log(rows, pictures)
+
+        self.writer.submit(job)
+        self.saved_epoch, self.unsaved, self.best = epoch, [], None
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def write_csv(exp_dir: Path, history: list[dict]) -> None:
+    """metrics.csv from the history: one row per completed epoch, rewritten atomically."""
+    columns = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    if history or not (Path(exp_dir) / "metrics.csv").exists():
+        write_text(Path(exp_dir) / "metrics.csv", out.getvalue())

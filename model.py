@@ -125,14 +125,15 @@ def load_weights_file(model: nn.Module, path: Path, in_channels: int) -> str:
             + (f", {len(skipped)} skipped for shape" if skipped else "") + ")")
 
 
-def build_model(arch: str, encoder: str, in_channels: int, out_channels: int, weights: str = "none"
-                ) -> tuple[nn.Module, str]:
-    """The model and a line saying where its weights came from.
+def build_model(meta: ModelMeta, weights: str = "none") -> tuple[nn.Module, str]:
+    """The network ModelMeta describes (architecture, encoder, input channels, outputs), and a line saying where
+    its weights came from.
 
     weights: "none"; "auto" (ImageNet when it can be had, else a loud warning and random init); a pretrained tag
     such as "imagenet" (must load, else a UserError saying how to proceed offline); or a path to a weights file.
     """
-    arch = architecture(arch)
+    arch, encoder, in_channels, out_channels = architecture(meta.arch), meta.encoder, meta.in_channels, \
+        meta.out_channels
     check_encoder(encoder)
     cls = ARCHITECTURES[arch]
 
@@ -221,6 +222,6 @@ class Segmenter(nn.Module):
 
 def model_from_meta(meta: ModelMeta, state: dict) -> nn.Module:
     """The trained network described by a checkpoint's metadata, with its weights."""
-    model, _ = build_model(meta.arch, meta.encoder, meta.in_channels, meta.out_channels, "none")
+    model, _ = build_model(meta)
     model.load_state_dict(state)
     return model

@@ -27,9 +27,6 @@ from optim import OPTIMIZERS, SCHEDULES
 RESUME_OVERRIDES = {"epochs", "workers", "cpu", "device", "dataset_dir", "val_dir", "add_val_dirs", "adv_freq",
                     "use_only_add_val", "log_dir", "exp_name", "patience", "amp", "val_tile_size", "log_worst",
                     "encoder_weights", "cache", "compile", "deterministic"}
-# Flags that define the model: a resumed run must not change them.
-MODEL_FLAGS = ("model", "encoder", "add_dirs", "class_list", "max_mask_val", "ignore_label", "class_names",
-               "image_size", "resize")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -193,8 +190,12 @@ def as_flag(key: str, value) -> str:
 
 
 def resume_args(args: argparse.Namespace, saved: dict, exp_dir: Path) -> argparse.Namespace:
-    """The saved training settings, with the flags a resumed run may change taken from this command line."""
-    for key in MODEL_FLAGS:
+    """The saved training settings, with the flags a resumed run may change taken from this command line; a flag
+    that shapes the model (checkpoint.model_flags) refuses to change."""
+    from checkpoint import model_flags
+
+    model_set = model_flags()
+    for key in model_set:
         if key == "image_size" and args.image_size is None:
             continue
         if key in saved and getattr(args, key) != saved[key]:
@@ -202,7 +203,7 @@ def resume_args(args: argparse.Namespace, saved: dict, exp_dir: Path) -> argpars
                             f"has {as_flag(key, getattr(args, key))}; use a new --exp-name, or the same setting to "
                             "resume")
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (saved {v})" for k, v in saved.items()
-               if k not in RESUME_OVERRIDES and k not in MODEL_FLAGS and hasattr(args, k) and getattr(args, k) != v]
+               if k not in RESUME_OVERRIDES and k not in model_set and hasattr(args, k) and getattr(args, k) != v]
     if changed:
         print(f"note: resuming with the experiment's saved settings; ignoring {', '.join(changed)}")
     return argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in RESUME_OVERRIDES}})
@@ -311,7 +312,7 @@ def make_model(args: argparse.Namespace, data, labels, resumed, procs):
     torch.manual_seed(args.seed)  # the model's initial weights
     if resumed is not None:
         meta = replace(resumed.meta, train_args={**resumed.meta.train_args, "epochs": args.epochs})
-        model, weights = build_model(meta.arch, meta.encoder, meta.in_channels, meta.out_channels, "none")
+        model, weights = build_model(meta)
         if data.channels != meta.in_channels or data.dtype != meta.dtype:
             raise UserError(f"the images are now {data.channels} channels of {data.dtype} but this experiment was "
                             f"trained on {meta.in_channels} of {meta.dtype}; use a new --exp-name")
@@ -320,15 +321,17 @@ def make_model(args: argparse.Namespace, data, labels, resumed, procs):
                  "(their pixel statistics differ); it resumes with the first set's normalisation, and its best val "
                  "score so far was measured on the data it had then")
     else:
-        model, weights = build_model(args.model, args.encoder, data.channels, labels.out_channels,
-                                     args.encoder_weights)
-        image_size = args.image_size or max(min_input_size(args.model), auto_image_size(data.sizes["train"]))
-        meta = ModelMeta(architecture(args.model), args.encoder, data.channels, labels.out_channels, labels,
-                         args.add_dirs.split(), data.stats, data.dtype, image_size, args.resize, args.val_tile_size,
-                         types=data.types, weights=weights, train_args=vars(args),
+        meta = ModelMeta(arch=architecture(args.model), encoder=args.encoder, in_channels=data.channels,
+                         out_channels=labels.out_channels, labels=labels, add_dirs=args.add_dirs.split(),
+                         stats=data.stats, dtype=data.dtype, types=data.types,
+                         image_size=args.image_size or max(min_input_size(args.model),
+                                                           auto_image_size(data.sizes["train"])),
+                         resize=args.resize, val_tile_size=args.val_tile_size, train_args=vars(args),
                          versions={"segkit": SEGKIT_VERSION, "torch": str(torch.__version__),
                                    "segmentation_models_pytorch": str(smp.__version__)},
                          created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        model, weights = build_model(meta, args.encoder_weights)
+        meta = replace(meta, weights=weights)
     if args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory = torch.channels_last if channels_last(procs.device) else torch.contiguous_format
@@ -388,11 +391,13 @@ def train_config(args: argparse.Namespace, exp_dir: Path, procs):
     from trainer import TrainConfig
 
     configure(procs.device, args.deterministic)
-    return TrainConfig(exp_dir, procs.device, args.epochs, amp_dtype(args.amp, procs.device),
-                       channels_last(procs.device), args.compile, args.seed, args.optimizer, args.learning_rate,
-                       args.weight_decay, args.scheduler, args.warmup_epochs, args.loss, args.class_weights,
-                       args.pos_weight, args.accum_steps, args.patience, args.adv_freq, args.batch_size,
-                       args.log_worst, procs.rank, procs.world)
+    return TrainConfig(exp_dir=exp_dir, device=procs.device, epochs=args.epochs, amp=amp_dtype(args.amp, procs.device),
+                       channels_last=channels_last(procs.device), compile=args.compile, seed=args.seed,
+                       optimizer=args.optimizer, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+                       scheduler=args.scheduler, warmup_epochs=args.warmup_epochs, loss=args.loss,
+                       class_weights=args.class_weights, pos_weight=args.pos_weight, accum_steps=args.accum_steps,
+                       patience=args.patience, adv_freq=args.adv_freq, val_batch_size=args.batch_size,
+                       log_worst=args.log_worst, rank=procs.rank, world=procs.world)
 
 
 def describe(args: argparse.Namespace, splits: dict, data, meta, model, weights: str, cfg, workers: int,

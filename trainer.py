@@ -1,21 +1,13 @@
-"""The training loop: fit() over epochs, train_one_epoch(), evaluate() into a confusion matrix; logging, checkpoints
-and resume. Knows nothing of file formats: it gets loaders, a model and its metadata.
-
-Crash safety: at the end of an epoch best.pth (if improved), then last.pth are replaced atomically, then
-metrics.csv is rewritten from the history held in last.pth; a run killed at any moment resumes from last.pth and
-rewrites metrics.csv from it, so the CSV never holds a row the checkpoint does not. These writes run in a
-background thread while the next epoch trains (checkpoint.BackgroundWriter). Epochs shorter than a write do not
-wait for the disk: while a write is in flight an epoch's state stays pending (improved weights are copied at once)
-and the next free epoch end, or the end of the run, writes the newest, so a kill costs at most the epochs since the
-last write; Ctrl-C and errors wait for the write in flight.
+"""The training loop: fit() over epochs, train_one_epoch(), evaluate() into a confusion matrix, and resume. Knows
+nothing of file formats: it gets loaders, a model and its metadata, and hands each epoch's end to the checkpoint
+policy (checkpoint.CheckpointSaver: best.pth, last.pth, metrics.csv, written in the background) and its log
+(tblog.TensorBoardLog). Ctrl-C and errors wait for the write in flight.
 Reproducibility: each epoch reseeds torch and draws every sample's augmentation seed from (seed, epoch), so a
 resumed run sees the same batches and augmentations as an uninterrupted one.
 Under torchrun, every process trains its share of each batch and evaluates its share of the val batches; the
 confusion matrices are summed, so every process takes the same decisions, and process 0 alone writes and prints.
 """
 import contextlib
-import csv
-import io
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,16 +19,15 @@ from torch.utils.data import DataLoader
 
 import checkpoint
 import metrics
-import visualize
-from checkpoint import Checkpoint, ModelMeta
+from checkpoint import Checkpoint, CheckpointSaver, ModelMeta
 from cli import progress
 from errors import UserError, warn
-from fileio import write_text
 from inference import Predictor, TorchRunner
 from loaders import epoch_stream
 from losses import SegmentationLoss, loss_weights
 from model import Normalize, Segmenter, min_input_size, unwrap
 from optim import make_optimizer, make_scheduler
+from tblog import TensorBoardLog
 
 
 @dataclass
@@ -118,6 +109,19 @@ class TrainState:
     early_stopped: bool = False
     history: list[dict] = field(default_factory=list)
 
+    def record(self, epoch: int, row: dict, score: float | None, patience: int) -> bool:
+        """Record the epoch; True when it is the best so far."""
+        self.epoch = epoch
+        self.history.append(row)
+        improved = score is not None and score > self.best_score
+        if score is not None:
+            if improved:
+                self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+            else:
+                self.bad_epochs += 1
+            self.early_stopped = bool(patience) and self.bad_epochs >= patience
+        return improved
+
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_loader: DataLoader, eval_sets: list[EvalSet],
@@ -141,11 +145,8 @@ class Trainer:
                                           threshold=0.5, min_size=min_input_size(meta.arch))
         self.main = cfg.rank == 0
         self.state = TrainState()
-        self.writer: checkpoint.BackgroundWriter | None = None
-        self.tensorboard = None
-        self.saved_epoch = 0  # the newest epoch handed to the writer
-        self.unsaved: list[dict] = []  # metrics rows of the epochs since, for TensorBoard
-        self.best: Checkpoint | None = None  # an improved epoch's weights, waiting for the writer
+        self.log = TensorBoardLog(cfg.exp_dir, meta.labels.num_classes, eval_sets[0].loader.dataset)
+        self.saver: CheckpointSaver | None = None  # process 0's, while fit() runs
 
     # ------------------------------------------------------------------------------------------ state
     def autocast(self):
@@ -166,7 +167,6 @@ class Trainer:
         if self.scaler is not None and training["scaler"]:
             self.scaler.load_state_dict(training["scaler"])
         self.state = TrainState(**{**training["state"], "history": list(training["state"]["history"])})
-        self.saved_epoch = self.state.epoch  # what last.pth holds
         if self.state.early_stopped:  # more epochs asked for after an early stop: patience starts afresh
             self.state.early_stopped, self.state.bad_epochs = False, 0
         self.check_best()
@@ -187,26 +187,32 @@ class Trainer:
             self.state.best_score, self.state.best_epoch = best.score, best.epoch
 
     # ------------------------------------------------------------------------------------------ loop
+    @property
+    def saved_epoch(self) -> int:
+        """The newest epoch handed to the checkpoint writer: what last.pth holds."""
+        return self.saver.saved_epoch if self.saver is not None else self.state.epoch
+
     def fit(self) -> TrainState:
         s = self.state
-        self.writer = checkpoint.BackgroundWriter()
         if self.main:
-            write_csv(self.cfg.exp_dir, s.history)
-            self.writer.submit(lambda: self.open_tensorboard(s.epoch + 1))  # slow to import: not on the way
+            self.saver = CheckpointSaver(self.cfg.exp_dir, self.meta, lambda: unwrap(self.model).state_dict(),
+                                         self.training_state, self.log.log)
+            self.saver.start(s.history, s.epoch, lambda: self.log.open(s.epoch + 1))  # slow to import: not on the way
         self.train_loader.batch_sampler.first_epoch = s.epoch + 1
         train_epochs = epoch_stream(self.train_loader)  # one stream for all epochs: workers never wait at a start
         eval_epochs = {e.name: epoch_stream(e.loader) for e in self.eval_sets}
+        val = None
         try:
             for epoch in range(s.epoch + 1, self.cfg.epochs + 1):
                 val = self.run_epoch(epoch, next(train_epochs), eval_epochs)
                 if s.early_stopped:
                     break
-            if self.main and self.unsaved:
-                self.save(val)
+            if self.main:
+                self.saver.flush(s.history, lambda: self.worst_predictions(val))
         finally:
-            self.writer.close()
-            if self.tensorboard is not None:
-                self.tensorboard.close()
+            if self.saver is not None:
+                self.saver.close()
+            self.log.close()
         if s.early_stopped and self.main:
             print(f"early stop: no improvement for {self.cfg.patience} epochs (best {s.best_score:.4f} at epoch "
                   f"{s.best_epoch})")
@@ -223,14 +229,16 @@ class Trainer:
                or epoch == self.cfg.epochs]
         self.sync_buffers()
         results = {e.name: self.evaluate(e, next(eval_epochs[e.name])) for e in due}
-        row, score = self.epoch_row(epoch, train_loss, lr, results, len(due) == len(self.eval_sets))
+        row, score = epoch_row(self.meta, self.eval_sets, epoch, train_loss, lr, results,
+                               len(due) == len(self.eval_sets))
         row["time_s"] = time.monotonic() - t0
-        improved = self.update_state(epoch, row, score)
+        improved = self.state.record(epoch, row, score, self.cfg.patience)
         self.share_stop()
         if self.plateau and score is not None:
             self.scheduler.step(score)
         if self.main:
-            self.record(row, improved, results.get("val"))
+            print(summary(row, self.state, self.cfg.epochs, improved), flush=True)
+            self.saver.epoch_end(self.state.history, improved, lambda: self.worst_predictions(results.get("val")))
         return results.get("val")
 
     def train_one_epoch(self, epoch: int, batches) -> tuple[float, float]:
@@ -330,79 +338,13 @@ class Trainer:
                 t /= self.cfg.world
 
     # ------------------------------------------------------------------------------------------ bookkeeping
-    def epoch_row(self, epoch: int, train_loss: float, lr: float, results: dict, every_set: bool
-                  ) -> tuple[dict, float | None]:
-        """The epoch's metrics.csv row, and its selection score: the size-weighted mean mIoU of the val sets, on
-        epochs that evaluate every one of them (None otherwise)."""
-        row = {"epoch": epoch, "train_loss": train_loss}
-        main = results.get("val")
-        if main is not None:
-            row.update(val_loss=main.loss, val_miou=main.scores["miou"])
-            row.update({f"iou_{n}": v for n, v in zip(self.meta.class_names, main.scores["per_class_iou"],
-                                                          strict=True)})
-        row.update({f"{name}_miou": r.scores["miou"] for name, r in results.items() if name != "val"})
-        score = None
-        if every_set:
-            values = [0.0 if math.isnan(results[e.name].scores["miou"]) else results[e.name].scores["miou"]
-                      for e in self.eval_sets]
-            score = sum(e.size * v for e, v in zip(self.eval_sets, values, strict=True)) / sum(
-                e.size for e in self.eval_sets)
-            row["score"] = score
-        row["lr"] = lr
-        return row, score
-
-    def update_state(self, epoch: int, row: dict, score: float | None) -> bool:
-        """Record the epoch; True when it is the best so far."""
-        s = self.state
-        s.epoch = epoch
-        s.history.append(row)
-        improved = score is not None and score > s.best_score
-        if score is not None:
-            if improved:
-                s.best_score, s.best_epoch, s.bad_epochs = score, epoch, 0
-            else:
-                s.bad_epochs += 1
-            s.early_stopped = bool(self.cfg.patience) and s.bad_epochs >= self.cfg.patience
-        return improved
-
-    def record(self, row: dict, improved: bool, val: EvalResult | None) -> None:
-        """Print the epoch's summary and hand its writes to the background writer, or, while a write is still in
-        flight, keep them pending (improved weights copied now) for a later epoch end: the loop never waits."""
-        print(self.summary(row, improved), flush=True)
-        self.unsaved.append(row)
-        if self.writer.busy():
-            if improved:
-                self.best = Checkpoint(checkpoint.snapshot(unwrap(self.model).state_dict()), self.meta,
-                                       row["epoch"], row.get("score"))
-            return
-        self.save(val, improved)
-
-    def save(self, val: EvalResult | None, improved: bool = False) -> None:
-        """Write the newest state in the background: best.pth (when an epoch since the last write improved), then
-        last.pth, metrics.csv and TensorBoard. What the writes need is copied now: training goes on meanwhile."""
-        s, exp = self.state, self.cfg.exp_dir
-        weights = checkpoint.snapshot(unwrap(self.model).state_dict())
-        last = Checkpoint(weights, self.meta, s.epoch, s.history[-1].get("score"),
-                          checkpoint.snapshot(self.training_state()))
-        best = Checkpoint(weights, self.meta, s.epoch, last.score) if improved else self.best
-        history, rows = list(s.history), self.unsaved
-        worst = self.worst_predictions(val) if val is not None and self.cfg.log_worst else None
-
-        def job() -> None:
-            if best is not None:
-                checkpoint.save(exp / "best.pth", best)
-            checkpoint.save(exp / "last.pth", last)
-            write_csv(exp, history)
-            self.log_tensorboard(rows, worst)
-
-        self.writer.submit(job)
-        self.saved_epoch, self.unsaved, self.best = s.epoch, [], None
-
     @torch.no_grad()
-    def worst_predictions(self, val: EvalResult) -> list[tuple[int, float, np.ndarray]]:
+    def worst_predictions(self, val: EvalResult | None) -> list[tuple[int, float, np.ndarray]] | None:
         """(index, IoU, predicted classes) of the val samples with the lowest IoU over every process: the picture is
         drawn later. This process kept its own worst from the evaluation; under torchrun, those another process
-        scored are predicted again."""
+        scored are predicted again. None without a val result or --log-worst."""
+        if val is None or not self.cfg.log_worst:
+            return None
         captured = {index: classes for _, index, classes in val.worst}
         ious = val.per_image_iou.numpy()
         elsewhere = np.ones(len(ious), dtype=bool)
@@ -416,63 +358,34 @@ class Trainer:
             out.append((index, float(ious[index]), classes.byte().cpu().numpy()))
         return out
 
-    def open_tensorboard(self, first_epoch: int) -> None:
-        """The event writer; events of epochs from first_epoch on, left by an earlier run, are dropped. Training
-        goes on without it where TensorBoard does not import (a version clash with protobuf, say)."""
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception as e:  # noqa: BLE001 -- broken installs raise ImportError, TypeError, AttributeError
-            warn(f"TensorBoard logging is off ({type(e).__name__}: {str(e).strip()[:100]}); metrics.csv still gets "
-                 "every epoch. To have it: pip install -U tensorboard")
-            return
-        self.tensorboard = SummaryWriter(str(self.cfg.exp_dir), purge_step=first_epoch)
 
-    def log_tensorboard(self, rows: list[dict], worst: list | None) -> None:
-        """Scalars of each row's epoch; the worst val samples' picture at the last one."""
-        w = self.tensorboard
-        if w is None:
-            return
-        for row in rows:
-            for key, value in row.items():
-                if key == "epoch" or value is None or (isinstance(value, float) and math.isnan(value)):
-                    continue
-                group = "iou" if key.startswith("iou_") else "loss" if key.endswith("loss") else "metrics"
-                w.add_scalar(f"{group}/{key}", value, row["epoch"])
-        if worst:
-            w.add_image("val/worst", self.worst_grid(worst), rows[-1]["epoch"], dataformats="HWC")
-        w.flush()
-
-    def worst_grid(self, worst: list[tuple[int, float, np.ndarray]]) -> np.ndarray:
-        """Image | truth | prediction for the worst val samples."""
-        dataset, n = self.eval_sets[0].loader.dataset, self.meta.labels.num_classes
-        rows = []
-        for index, iou, pred in worst:
-            image, truth = dataset.load(index)
-            rows.append(visualize.panel(
-                [visualize.to_rgb8(image), visualize.colorize(truth, n), visualize.colorize(pred, n)],
-                [dataset.samples[index].stem[:24], "truth", f"pred IoU {iou:.3f}"]))
-        return visualize.stack_rows(rows)
-
-    def summary(self, row: dict, improved: bool) -> str:
-        s, parts = self.state, [f"epoch {row['epoch']}/{self.cfg.epochs}", f"train_loss {row['train_loss']:.4f}"]
-        if "val_loss" in row:
-            parts += [f"val_loss {row['val_loss']:.4f}", f"val_mIoU {row['val_miou']:.4f}"]
-        parts += [f"{k} {v:.4f}" for k, v in row.items() if k.endswith("_miou") and k != "val_miou"]
-        if s.best_epoch:
-            parts.append(f"best {s.best_score:.4f} @{s.best_epoch}" + (" *" if improved else ""))
-        parts += [f"lr {row['lr']:.2e}", f"{row['time_s']:.1f}s"]
-        return "  ".join(parts)
+def epoch_row(meta: ModelMeta, eval_sets: list[EvalSet], epoch: int, train_loss: float, lr: float, results: dict,
+              every_set: bool) -> tuple[dict, float | None]:
+    """The epoch's metrics.csv row, and its selection score: the size-weighted mean mIoU of the val sets, on epochs
+    that evaluate every one of them (None otherwise)."""
+    row = {"epoch": epoch, "train_loss": train_loss}
+    main = results.get("val")
+    if main is not None:
+        row.update(val_loss=main.loss, val_miou=main.scores["miou"])
+        row.update({f"iou_{n}": v for n, v in zip(meta.class_names, main.scores["per_class_iou"], strict=True)})
+    row.update({f"{name}_miou": r.scores["miou"] for name, r in results.items() if name != "val"})
+    score = None
+    if every_set:
+        values = [0.0 if math.isnan(results[e.name].scores["miou"]) else results[e.name].scores["miou"]
+                  for e in eval_sets]
+        score = sum(e.size * v for e, v in zip(eval_sets, values, strict=True)) / sum(e.size for e in eval_sets)
+        row["score"] = score
+    row["lr"] = lr
+    return row, score
 
 
-def write_csv(exp_dir: Path, history: list[dict]) -> None:
-    """metrics.csv from the history: one row per completed epoch, rewritten atomically."""
-    columns = []
-    for row in history:
-        columns += [k for k in row if k not in columns]
-    out = io.StringIO()
-    w = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
-    w.writeheader()
-    for row in history:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    if history or not (exp_dir / "metrics.csv").exists():
-        write_text(exp_dir / "metrics.csv", out.getvalue())
+def summary(row: dict, state: TrainState, epochs: int, improved: bool) -> str:
+    """The epoch's line on the console."""
+    parts = [f"epoch {row['epoch']}/{epochs}", f"train_loss {row['train_loss']:.4f}"]
+    if "val_loss" in row:
+        parts += [f"val_loss {row['val_loss']:.4f}", f"val_mIoU {row['val_miou']:.4f}"]
+    parts += [f"{k} {v:.4f}" for k, v in row.items() if k.endswith("_miou") and k != "val_miou"]
+    if state.best_epoch:
+        parts.append(f"best {state.best_score:.4f} @{state.best_epoch}" + (" *" if improved else ""))
+    parts += [f"lr {row['lr']:.2e}", f"{row['time_s']:.1f}s"]
+    return "  ".join(parts)

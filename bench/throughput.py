@@ -143,9 +143,10 @@ def run(args, device, encoder, size, batch, workers, amp, add_dirs, sync, data: 
     stats = channel_stats(infos, labels)
     channels, dtype = infos[0].channels, infos[0].dtype
     sizes = [(i.height, i.width) for i in infos]
-    meta = ModelMeta(args.model, encoder, channels, 1, labels, add_dirs, stats, dtype, size, False, size)
+    meta = ModelMeta(arch=args.model, encoder=encoder, in_channels=channels, out_channels=1, labels=labels,
+                     add_dirs=add_dirs, stats=stats, dtype=dtype, image_size=size, resize=False, val_tile_size=size)
     cache = RamCache(samples, labels.lut(), sizes, channels, dtype, workers) if args.cache == "ram" else None
-    model, _ = build_model(args.model, encoder, channels, 1, "none")
+    model, _ = build_model(meta)
     model.to(device, memory_format=memory_format)
     pad = any(h < size or w < size for h, w in sizes)
     transform = train_transform(args.aug, size, channels == 3 and dtype == "uint8", False, pad)

@@ -85,14 +85,27 @@ def make_checkpoint(path: Path, arch="unet", encoder="resnet18", values=(255,), 
     torch.manual_seed(0)
     labels = Labels(list(values), given_names=list(names))
     channels = 3 + len(add_dirs)
-    net, _ = build_model(arch, encoder, channels, labels.out_channels, "none")
     stats = ChannelStats([top / 3] * channels, [top / 6] * channels, [0.0] * channels, [top] * channels,
                          [1] * labels.num_classes)
     meta = ModelMeta(arch=arch, encoder=encoder, in_channels=channels, out_channels=labels.out_channels,
                      labels=labels, add_dirs=list(add_dirs), stats=stats, dtype=dtype, image_size=64, resize=False,
                      val_tile_size=tile, threshold=threshold, train_args=train_args or {})
+    net, _ = build_model(meta)
     checkpoint.save(path, Checkpoint(net.eval().state_dict(), meta, 1, 0.5))
     return path
+
+
+def network(arch: str, encoder: str, in_channels: int, out_channels: int, weights: str = "none"):
+    """model.build_model for a network alone: (model, where its weights came from)."""
+    from checkpoint import ModelMeta
+    from labels import ChannelStats, Labels
+    from model import build_model
+
+    labels = Labels([255])  # not read: the network is the architecture, encoder, channels and outputs
+    stats = ChannelStats([0.5] * in_channels, [0.2] * in_channels, [0.0] * in_channels, [1.0] * in_channels, [1])
+    return build_model(ModelMeta(arch=arch, encoder=encoder, in_channels=in_channels, out_channels=out_channels,
+                                 labels=labels, add_dirs=[], stats=stats, dtype="uint8", image_size=64,
+                                 resize=False, val_tile_size=64), weights)
 
 
 def run_script(script: str, *args, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:

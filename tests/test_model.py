@@ -3,19 +3,19 @@ import time
 
 import pytest
 import torch
-from conftest import make_dataset  # noqa: F401  (puts the repo on sys.path)
+from conftest import network
 
 import checkpoint
 from checkpoint import Checkpoint, ModelMeta
 from errors import UserError
 from labels import ChannelStats, Labels
-from model import ARCHITECTURES, build_model, min_input_size
+from model import ARCHITECTURES, min_input_size
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_every_architecture_builds_and_keeps_input_size(arch):
     encoder = "tu-test_vit" if arch == "dpt" else "resnet18"
-    model, _ = build_model(arch, encoder, in_channels=4, out_channels=3, weights="none")
+    model, _ = network(arch, encoder, in_channels=4, out_channels=3, weights="none")
     size = max(64, min_input_size(arch))
     with torch.no_grad():
         y = model.eval()(torch.randn(2, 4, size, size + 32))
@@ -23,20 +23,20 @@ def test_every_architecture_builds_and_keeps_input_size(arch):
 
 
 def test_aliases_and_unknown_names_list_the_choices():
-    assert build_model("UnetPlusPlus", "resnet18", 3, 1)[0].__class__.__name__ == "UnetPlusPlus"
+    assert network("UnetPlusPlus", "resnet18", 3, 1)[0].__class__.__name__ == "UnetPlusPlus"
     with pytest.raises(UserError, match=r"unetx.*unet, unet\+\+"):
-        build_model("unetx", "resnet18", 3, 1)
+        network("unetx", "resnet18", 3, 1)
     with pytest.raises(UserError, match=r"resnet999.*did you mean"):
-        build_model("unet", "resnet999", 3, 1)
+        network("unet", "resnet999", 3, 1)
     with pytest.raises(UserError, match="tu-resnet999x"):
-        build_model("unet", "tu-resnet999x", 3, 1)
+        network("unet", "tu-resnet999x", 3, 1)
     with pytest.raises(UserError, match="dpt cannot be built with --encoder resnet18"):
-        build_model("dpt", "resnet18", 3, 1)
+        network("dpt", "resnet18", 3, 1)
 
 
 def test_auto_weights_offline_fall_back_fast_and_loudly(capsys):
     t0 = time.monotonic()
-    _, desc = build_model("unet", "resnet18", 4, 1, "auto")
+    _, desc = network("unet", "resnet18", 4, 1, "auto")
     assert time.monotonic() - t0 < 5
     assert "random initialisation" in desc
     assert "TRAINING FROM SCRATCH" in capsys.readouterr().err
@@ -44,17 +44,17 @@ def test_auto_weights_offline_fall_back_fast_and_loudly(capsys):
 
 def test_explicit_imagenet_offline_fails_with_the_way_out():
     with pytest.raises(UserError, match="--encoder-weights PATH"):
-        build_model("unet", "resnet18", 3, 1, "imagenet")
+        network("unet", "resnet18", 3, 1, "imagenet")
     with pytest.raises(UserError, match="has weights imagenet, ssl, swsl"):
-        build_model("unet", "resnet18", 3, 1, "imagenet22k")
+        network("unet", "resnet18", 3, 1, "imagenet22k")
     with pytest.raises(UserError, match="file not found"):
-        build_model("unet", "resnet18", 3, 1, "weights/missing.pth")
+        network("unet", "resnet18", 3, 1, "weights/missing.pth")
 
 
 def test_local_encoder_weights_file_adapts_first_conv(tmp_path):
-    source, _ = build_model("unet", "resnet18", 3, 1)
+    source, _ = network("unet", "resnet18", 3, 1)
     torch.save(source.encoder.state_dict(), tmp_path / "enc.pth")
-    model, desc = build_model("unet", "resnet18", 5, 2, str(tmp_path / "enc.pth"))
+    model, desc = network("unet", "resnet18", 5, 2, str(tmp_path / "enc.pth"))
     assert "encoder tensors" in desc
     rgb = source.encoder.conv1.weight
     assert torch.allclose(model.encoder.conv1.weight[:, :3], rgb * 3 / 5)
@@ -63,10 +63,10 @@ def test_local_encoder_weights_file_adapts_first_conv(tmp_path):
 
 
 def test_weights_file_of_another_encoder_is_refused(tmp_path):
-    other, _ = build_model("unet", "efficientnet-b0", 3, 1)
+    other, _ = network("unet", "efficientnet-b0", 3, 1)
     torch.save(other.state_dict(), tmp_path / "other.pth")
     with pytest.raises(UserError, match="no tensor matches"):
-        build_model("unet", "resnet18", 3, 1, str(tmp_path / "other.pth"))
+        network("unet", "resnet18", 3, 1, str(tmp_path / "other.pth"))
 
 
 def tiny_meta() -> ModelMeta:
