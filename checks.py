@@ -17,7 +17,7 @@ from errors import UserError, raise_problems, shown
 from fileio import exif_orientation, write_text
 from labels import IGNORE_INDEX, ChannelStats, Labels
 
-CHECK_RULES = 4  # raised when check_splits learns new rules: datasets checked by older rules are checked again
+CHECK_RULES = 5  # raised when check_splits learns new rules: datasets checked by older rules are checked again
 
 
 def nonfinite_problem(image: np.ndarray, path: Path) -> str | None:
@@ -47,6 +47,7 @@ class SampleInfo:
     digest: str = ""  # of the image's pixels: copies under other names (or formats) share it
     image_is_mask: bool = False  # the image holds its own mask's values: masks given as images
     orientation: int = 0  # a JPEG's EXIF orientation (2-8: read turned upright, as viewers show it)
+    edges: int = 0  # neighbouring mask pixels (across and down) of different values: the objects' outlines
     mins: np.ndarray | None = None  # per channel
     maxs: np.ndarray | None = None
     sums: np.ndarray | None = None  # per channel, float64, with_stats only
@@ -73,6 +74,7 @@ def inspect_sample(sample: Sample, with_stats: bool) -> SampleInfo:
         counts = np.bincount(mask.ravel(), minlength=1)
         info.mask_values = {int(v): int(c) for v, c in enumerate(counts) if c}
         info.image_is_mask = bool(parts[0].shape[:2] == mask.shape and (parts[0][..., 0] == mask).all())
+        info.edges = int(np.count_nonzero(mask[1:] != mask[:-1]) + np.count_nonzero(mask[:, 1:] != mask[:, :-1]))
     if info.error is None:
         flat = image.reshape(-1, image.shape[2])
         info.mins, info.maxs = flat.min(0).astype(np.float64), flat.max(0).astype(np.float64)
@@ -296,6 +298,7 @@ class DataSummary:
     seconds: float
     types: str = ""  # the files' own pixel types where they differ: "uint16 image + uint8 nir"
     warnings: list[str] = field(default_factory=list)  # what makes the data train yet measure little: said each run
+    object_size: float | None = None  # typical foreground object across, in pixels: 4 x area / outline
 
     @property
     def rgb8(self) -> bool:
@@ -333,7 +336,14 @@ def check_splits(splits: dict[str, list[Sample]], labels: Labels, workers: int) 
     return DataSummary(layout[0], dtype, channel_stats(infos["train"], labels),
                        {name: [(i.height, i.width) for i in split_infos] for name, split_infos in infos.items()},
                        round(time.monotonic() - t0, 2), layout[1] if " + " in layout[1] else "",
-                       measuring_warnings(infos, labels))
+                       measuring_warnings(infos, labels), object_size(train_ok, labels))
+
+
+def object_size(infos: list[SampleInfo], labels: Labels) -> float | None:
+    """The training masks' typical object across (4 x area / outline: a disc's diameter), None without outlines."""
+    edges = sum(i.edges for i in infos)
+    area = sum(c for i in infos for v, c in i.mask_values.items() if v in labels.values)
+    return round(4 * area / edges, 1) if edges and area else None
 
 
 def measuring_warnings(infos: dict[str, list[SampleInfo]], labels: Labels) -> list[str]:
@@ -377,7 +387,7 @@ def checked_splits(splits: dict[str, list[Sample]], labels: Labels, add_dirs: li
         data = saved["data"]
         return DataSummary(data["channels"], data["dtype"], ChannelStats(**data["stats"]),
                            {k: [tuple(s) for s in v] for k, v in data["sizes"].items()}, data["seconds"],
-                           data["types"], data["warnings"])
+                           data["types"], data["warnings"], data["object_size"])
     summary = check_splits(splits, labels, workers)
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_text(cache, json.dumps({"key": key, "data": asdict(summary)}))

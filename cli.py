@@ -52,6 +52,19 @@ def pixel_count(text: str) -> int:
     return int(value)
 
 
+def shard(text: str) -> tuple[int, int]:
+    """An argparse type: K/N, the K-th (1..N) of N shares, as job arrays number their tasks."""
+    k, sep, n = text.partition("/")
+    try:
+        k, n = int(k), int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not K/N, e.g. 1/4 for the first of four shares") from None
+    if not sep or n < 1 or not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"'{text}': K/N needs 1 <= K <= N (the K-th of N shares), e.g. "
+                                         f"{min(max(k, 1), max(n, 2))}/{max(n, 2)}")
+    return k, n
+
+
 def positive(text: str) -> float:
     """An argparse type: a finite number above 0."""
     value = _number(float, text)

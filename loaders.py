@@ -26,23 +26,25 @@ class EpochBatchSampler(Sampler):
     Everything is drawn from (seed, epoch) alone, so any epoch can be reproduced on its own. Under torchrun each of
     the `world` processes takes its own share (rank, rank + world, ...) of every global batch of batch_size x world
     samples. A leftover batch of one sample per process is dropped (a different sample each epoch): batch norm
-    cannot train on it.
+    cannot train on it. repeats: an epoch takes every sample that many times (each time another crop and
+    augmentation), so small datasets make epochs long enough to be worth a validation.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, first_epoch: int = 1, rank: int = 0, world: int = 1):
+    def __init__(self, size: int, batch_size: int, seed: int, first_epoch: int = 1, rank: int = 0, world: int = 1,
+                 repeats: int = 1):
         self.size, self.batch_size, self.seed, self.first_epoch = size, batch_size, seed, first_epoch
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.draws = rank, world, size * repeats
 
     def __len__(self) -> int:
         """Steps per epoch (the same in every process)."""
         step = self.batch_size * self.world
-        full, rest = divmod(self.size, step)
+        full, rest = divmod(self.draws, step)
         return full + (rest >= 2 * self.world or (rest >= self.world and full == 0))
 
     def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.size).tolist()
-        seeds = rng.integers(0, 2 ** 31, self.size).tolist()
+        order = (rng.permutation(self.draws) % self.size).tolist()
+        seeds = rng.integers(0, 2 ** 31, self.draws).tolist()
         keys = list(zip(order, seeds, strict=True))
         step = self.batch_size * self.world
         return [keys[i * step:(i + 1) * step][self.rank::self.world] for i in range(len(self))]

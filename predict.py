@@ -12,14 +12,15 @@ Rasters larger than the tile are read in windows, streamed through the model and
 of any size is predicted in bounded memory.
 """
 import argparse
+import os
 import time
 from pathlib import Path
 
-from cli import Parser, add_runtime_flags, progress
-from errors import UserError, note, problem_list, run_cli, warn
+from cli import Parser, add_runtime_flags, progress, shard
+from errors import UserError, is_main_process, note, problem_list, run_cli, warn
 from fileio import check_decodable, dead_link, image_header, is_image_file, output_folder, read_list
 from inference import Predictor, add_prediction_flags
-from scenes import Failed, Job, Settings, check_headers, mask_suffix, outputs, predict_jobs
+from scenes import Failed, Job, Settings, check_headers, mask_suffix, outputs, predict_jobs, share_of
 
 FAILED_FIRST = 10  # a run whose first inputs all fail stops there: the rest would most likely fail alike
 LARGE_PIXELS = 10 ** 8  # inputs from this size on are announced with their size before prediction starts
@@ -50,6 +51,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--prob", choices=["uint8", "float16"], default=None,
                    help="also write probabilities as <stem>_prob.tif (binary: foreground; else one band per class)")
     g.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.jpg: the mask over the image")
+    g.add_argument("--uncertainty", action="store_true",
+                   help="also write uncertainty.csv: each image's uncertainty (mean entropy of its probabilities, "
+                        "0 sure .. 1 undecided), its share of uncertain pixels and its predicted class shares, most "
+                        "uncertain first: the images to label next")
+    g.add_argument("--uncertainty-maps", action="store_true",
+                   help="also write <stem>_uncertainty.tif: each pixel's uncertainty, 0..255")
+    g = p.add_argument_group("scale", "torchrun --nproc_per_node=N predict.py ... shares the inputs among N processes")
+    g.add_argument("--shard", type=shard, default=None, metavar="K/N",
+                   help="predict the K-th of N shares of the inputs (job arrays: SLURM_ARRAY_TASK_ID, ...); the N "
+                        "shares together are every input once, balanced by pixels")
     g = p.add_argument_group("runtime")
     add_runtime_flags(g, workers=False)
     return p
@@ -122,19 +133,23 @@ def glob_escape(text: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
-def plan_jobs(args: argparse.Namespace, band_names: list[str], out: Path, settings: Settings) -> list[Job]:
-    """Every input with its bands and outputs; clashing or existing outputs stop the run before any work."""
+def plan_jobs(args: argparse.Namespace, band_names: list[str], out: Path, settings: Settings,
+              share: tuple[int, int] = (0, 1)) -> list[Job]:
+    """This process's share (index, shares) of every input with its bands and outputs; clashing or existing outputs
+    stop the run before any work."""
     images = list_images(Path(args.input))
     given = band_sources(args.band, band_names, len(images) == 1)
     jobs, seen = [], {}
     for image in images:
         job = Job(image, [find_band(image, n, given) for n in band_names], out / f"{image.stem}{mask_suffix(image)}",
-                  out / f"{image.stem}_prob.tif", out / f"{image.stem}_overlay.jpg")
+                  out / f"{image.stem}_prob.tif", out / f"{image.stem}_overlay.jpg",
+                  out / f"{image.stem}_uncertainty.tif")
         if job.mask.name in seen:
             raise UserError(f"{image} and {seen[job.mask.name]} would both write {job.mask}; predict them into "
                             "separate -o folders")
         seen[job.mask.name] = image
         jobs.append(job)
+    jobs = share_of(jobs, *share) if share[1] > 1 else jobs
     written = [p for j in jobs for p in outputs(j, settings)]
     inputs = {p.resolve() for j in jobs for p in (j.image, *j.bands)}
     if any(p.resolve() in inputs for p in written):
@@ -169,12 +184,13 @@ def announce_large(predictor: Predictor, jobs: list[Job]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- running
-def run(predictor: Predictor, jobs: list[Job], settings: Settings) -> tuple[int, int, list[str]]:
-    """Predict every input: (pixels, nodata pixels, one line per input that could not be predicted). Stops early
-    when the first FAILED_FIRST inputs all fail."""
+def run(predictor: Predictor, jobs: list[Job], settings: Settings, main: bool) -> tuple[int, int, list, list]:
+    """Predict every input: (pixels, nodata pixels, one line per input that could not be predicted, uncertainty
+    rows). Stops early when the first FAILED_FIRST inputs all fail."""
+    names = predictor.meta.class_names
     pixels = missing = done = 0
-    failed: list[str] = []
-    with progress(total=len(jobs), desc="predicting", unit="image", leave=False) as bar:
+    failed, rows = [], []
+    with progress(total=len(jobs), desc="predicting", unit="image", leave=False, disable=not main) as bar:
         for result in predict_jobs(predictor, jobs, settings):
             bar.update()
             if isinstance(result, Failed):
@@ -183,28 +199,85 @@ def run(predictor: Predictor, jobs: list[Job], settings: Settings) -> tuple[int,
                     raise problem_list(f"the first {FAILED_FIRST} inputs all failed, so the run stopped:", failed)
                 continue
             done, pixels, missing = done + 1, pixels + result.pixels, missing + result.nodata
-    return pixels, missing, failed
+            shares = result.class_pixels / max(1, result.class_pixels.sum())
+            rows.append([str(result.job.image), round(result.uncertainty, 6), round(result.uncertain, 6),
+                         *(round(float(x), 6) for x in shares)])
+    return pixels, missing, failed, [["image", "uncertainty", "uncertain_pixels", *[f"share_{n}" for n in names]],
+                                     *rows]
+
+
+def my_share(args: argparse.Namespace) -> tuple[int, int]:
+    """(index, shares) of this process: its --shard K/N, split again among torchrun's processes."""
+    k, n = args.shard or (1, 1)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    return (k - 1) * world + rank, n * world
+
+
+def gathered(value) -> list:
+    """Every process's value, in rank order, under torchrun (over gloo: small values, any device); [value] alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return [value]
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def write_uncertainty(out: Path, rows: list, shard: tuple[int, int] | None) -> Path:
+    """uncertainty.csv (uncertainty_KofN.csv for a shard), most uncertain first."""
+    import csv
+    import io
+
+    from fileio import write_text
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(rows[0])
+    writer.writerows(sorted(rows[1:], key=lambda r: (-r[1], r[0])))
+    path = out / ("uncertainty.csv" if not shard or shard[1] == 1 else f"uncertainty_{shard[0]}of{shard[1]}.csv")
+    write_text(path, buf.getvalue())
+    return path
 
 
 def main() -> None:
     args = get_args_parser().parse_args()
-    predictor = Predictor.load(Path(args.model), device="cpu" if args.cpu else args.device, amp=args.amp,
-                               tile_size=args.tile_size, overlap=args.overlap, tta=args.tta, threshold=args.threshold,
+    device = "cpu" if args.cpu else args.device or (f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ
+                                                   and cuda_available() else None)
+    predictor = Predictor.load(Path(args.model), device=device, amp=args.amp, tile_size=args.tile_size,
+                               overlap=args.overlap, tta=args.tta, threshold=args.threshold,
                                batch_size=args.batch_size, for_scenes=True)
     out = output_folder(Path(args.output_dir), "-o")
-    settings = Settings(prob=args.prob, overlay=args.overlay, nodata=args.nodata, progress=scene_progress())
-    jobs = plan_jobs(args, predictor.meta.add_dirs, out, settings)
+    settings = Settings(prob=args.prob, overlay=args.overlay, uncertainty_maps=args.uncertainty_maps,
+                        nodata=args.nodata, progress=scene_progress())
+    share = my_share(args)
+    jobs = plan_jobs(args, predictor.meta.add_dirs, out, settings, share)
     check_headers(predictor, jobs)
     announce_large(predictor, jobs)
     t0 = time.monotonic()
-    pixels, missing, failed = run(predictor, jobs, settings)
+    results = gathered((len(jobs), *run(predictor, jobs, settings, is_main_process())))
+    if not is_main_process():
+        return
+    inputs, pixels, missing = (sum(r[i] for r in results) for i in range(3))
+    failed, rows = [m for r in results for m in r[3]], [results[0][4][0], *(row for r in results for row in r[4][1:])]
     seconds = max(time.monotonic() - t0, 1e-6)
     extra = f", {missing / max(pixels, 1):.1%} of pixels nodata" if missing else ""
-    print(f"predicted {len(jobs) - len(failed)} image(s), {pixels / 1e6:.1f} Mpx in {seconds:.1f} s "
+    if args.uncertainty:
+        extra += f"; images ranked by uncertainty in {write_uncertainty(out, rows, args.shard)}"
+    print(f"predicted {inputs - len(failed)} image(s), {pixels / 1e6:.1f} Mpx in {seconds:.1f} s "
           f"({pixels / 1e6 / seconds:.2f} Mpx/s){extra}; masks in {out}")
     if failed:
-        raise problem_list(f"{len(failed)} of {len(jobs)} input(s) could not be predicted; the others were. Fix or "
+        raise problem_list(f"{len(failed)} of {inputs} input(s) could not be predicted; the others were. Fix or "
                            "remove these, then run the same command with --skip-existing to finish:", failed)
+
+
+def cuda_available() -> bool:
+    """A CUDA device for this torchrun process (torch is there: torchrun came with it)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def scene_progress():

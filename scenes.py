@@ -18,6 +18,7 @@ from inference import Predictor
 from raster import PngWriter, RasterReader, TiledTiffWriter, check_size, extratags, gdal_nodata, nodata_pixels
 
 OVERLAY_SIDE = 2048  # overlays (and the thumbnails kept for them) of larger images are shrunk to this side
+UNCERTAIN = 0.5  # a pixel whose entropy (0..1) is above this counts as uncertain
 READ_CACHE_MB = 16  # decoded TIFF segments kept per raster; decoding again costs little beside the model
 SCENE_BYTES = 16 * 2 ** 20  # inputs from this file size on are checked from their headers before any prediction
 
@@ -30,6 +31,7 @@ class Job:
     mask: Path
     prob: Path
     overlay: Path
+    uncertainty: Path | None = None  # the per-pixel uncertainty map, where asked for
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Settings:
     """What a run writes and how, the same for every input."""
     prob: str | None = None  # also write probabilities: "uint8" or "float16"
     overlay: bool = False
+    uncertainty_maps: bool = False  # also write each input's per-pixel uncertainty (Job.uncertainty)
     nodata: float | None = None  # the input value that means no data (None: the GeoTIFF's own GDAL_NODATA)
     # Called after each band of rows of an input predicted in bands, with (job, rows done, rows in all); it may
     # raise to abandon the input (serve.py's --timeout), whose outputs are then not written.
@@ -47,11 +50,14 @@ class Settings:
 class Done:
     """One predicted input: its size, nodata pixels, pixels per class (nodata left out), the threshold that decided
     them, and a thumbnail of image and classes (with Settings.overlay) no larger than OVERLAY_SIDE."""
+    job: Job
     height: int
     width: int
     nodata: int
     class_pixels: np.ndarray
     threshold: float
+    uncertainty: float  # mean entropy of the probabilities, 0 (sure) .. 1 (every class as likely)
+    uncertain: float  # share of the pixels whose entropy is over UNCERTAIN
     thumb_image: np.ndarray | None = None
     thumb_classes: np.ndarray | None = None
 
@@ -69,7 +75,37 @@ class Failed:
 
 def outputs(job: Job, settings: Settings) -> list[Path]:
     """The files an input's prediction writes with these settings."""
-    return [job.mask, *([job.prob] if settings.prob else []), *([job.overlay] if settings.overlay else [])]
+    return [job.mask, *([job.prob] if settings.prob else []), *([job.overlay] if settings.overlay else []),
+            *([job.uncertainty] if settings.uncertainty_maps else [])]
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+    """(K, h, w) probabilities -> (h, w) entropy scaled to 0..1 (binary: K = 1, the foreground's)."""
+    p = np.clip(probs, 1e-7, 1 - 1e-7)
+    if len(p) == 1:
+        return -(p[0] * np.log2(p[0]) + (1 - p[0]) * np.log2(1 - p[0]))
+    return -(p * np.log(p)).sum(0) / np.log(len(p))
+
+
+def share_of(jobs: list[Job], index: int, shares: int) -> list[Job]:
+    """The index-th (0-based) of `shares` shares of the inputs, balanced by pixels (their headers; a file's size
+    where it has none): the largest first, each to the lightest share. The same inputs always share alike, so
+    separate runs (job arrays, torchrun processes) together predict every input once."""
+    def weight(job: Job) -> int:
+        try:
+            header = image_header(job.image)
+        except UserError:
+            header = None
+        return header.pixels if header else job.image.stat().st_size
+
+    weights = [weight(j) for j in jobs]
+    load, mine = [0] * shares, set()
+    for i in sorted(range(len(jobs)), key=lambda i: (-weights[i], str(jobs[i].image))):
+        lightest = min(range(shares), key=lambda k: (load[k], k))
+        load[lightest] += weights[i]
+        if lightest == index:
+            mine.add(i)
+    return [j for i, j in enumerate(jobs) if i in mine]
 
 
 def mask_suffix(image: Path) -> str:
@@ -165,6 +201,8 @@ class Outputs:
     predictor: Predictor
     settings: Settings
     missing: int = 0
+    entropy_sum: float = 0.0
+    uncertain: int = 0
     class_pixels: np.ndarray = field(init=False)
 
     def __post_init__(self):
@@ -184,17 +222,18 @@ class Outputs:
             PngWriter(self.job.mask, scene.height, scene.width, self.lut.dtype)
         self.prob = TiledTiffWriter(self.job.prob, scene.height, scene.width, self.predictor.meta.out_channels,
                                     self.settings.prob, extratags=extratags(georef)) if self.settings.prob else None
+        self.map = TiledTiffWriter(self.job.uncertainty, scene.height, scene.width, 1, np.uint8,
+                                   extratags=extratags(georef)) if self.settings.uncertainty_maps else None
+        self.writers = [w for w in (self.mask, self.prob, self.map) if w is not None]
 
     def __enter__(self) -> "Outputs":
-        for w in (self.mask, self.prob):
-            if w is not None:
-                w.__enter__()
+        for w in self.writers:
+            w.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for w in (self.mask, self.prob):
-            if w is not None:
-                w.__exit__(*exc)
+        for w in self.writers:
+            w.__exit__(*exc)
         if exc[0] is None and self.settings.overlay:
             self.write_overlay()
 
@@ -207,6 +246,12 @@ class Outputs:
             self.missing += int(missing.sum())
         counted = classes if missing is None else classes[~missing]
         self.class_pixels += np.bincount(counted.ravel(), minlength=len(self.class_pixels))
+        unsure = entropy(probs)
+        seen = unsure if missing is None else unsure[~missing]
+        self.entropy_sum, self.uncertain = self.entropy_sum + float(seen.sum()), self.uncertain + int(
+            (seen > UNCERTAIN).sum())
+        if self.map is not None:
+            self.map.write(np.rint(unsure * 255).astype(np.uint8))
         self.mask.write(mask)
         if self.prob is not None:
             p = np.moveaxis(probs, 0, -1)
@@ -229,8 +274,9 @@ class Outputs:
     def done(self) -> Done:
         thumbs = (np.concatenate(self.thumb_image), np.concatenate(self.thumb_classes)) if self.settings.overlay \
             else (None, None)
-        return Done(self.scene.height, self.scene.width, self.missing, self.class_pixels, self.predictor.threshold,
-                    *thumbs)
+        counted = max(1, self.scene.height * self.scene.width - self.missing)
+        return Done(self.job, self.scene.height, self.scene.width, self.missing, self.class_pixels,
+                    self.predictor.threshold, self.entropy_sum / counted, self.uncertain / counted, *thumbs)
 
 
 # ----------------------------------------------------------------------------------------------------- predicting

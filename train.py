@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from augmentations import PRESETS, auto_image_size
+from budget import duration
 from cli import Parser, add_runtime_flags, at_least, multiple_of_32, positive
 from dataset import check_band_names, folder_label
 from errors import UserError, run_cli, warn
@@ -26,7 +27,7 @@ from optim import OPTIMIZERS, SCHEDULES
 # Flags a resumed run may change; every other setting comes from the checkpoint.
 RESUME_OVERRIDES = {"epochs", "workers", "cpu", "device", "dataset_dir", "val_dir", "add_val_dirs", "adv_freq",
                     "use_only_add_val", "log_dir", "exp_name", "patience", "amp", "val_tile_size", "log_worst",
-                    "encoder_weights", "cache", "compile", "deterministic"}
+                    "encoder_weights", "cache", "compile", "deterministic", "budget", "plan"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -71,14 +72,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "imagenet (or another tag; must load), none, or a path to a weights file (default auto)")
 
     g = p.add_argument_group("training")
+    g.add_argument("--budget", type=duration, default=None, metavar="DURATION",
+                   help="train for this long, start to finish (90s, 20m, 1.5h): a plan from the data and the machine "
+                        "chooses the crop, batch, loss, augmentation, steps and when to validate; flags you give win")
+    g.add_argument("--plan", action="store_true", help="with --budget: print the plan and exit")
     g.add_argument("-e", "--epochs", type=at_least(1), default=50, help="epochs in all; more than done continues (50)")
+    g.add_argument("--repeats", type=at_least(1), default=1,
+                   help="passes over the training images per epoch, each with other crops (1; --budget plans it)")
     g.add_argument("-b", "--batch-size", type=at_least(1), default=8,
                    help="images per step (per process under torchrun) (8)")
     g.add_argument("--accum-steps", type=at_least(1), default=1,
                    help="add up the gradients of N batches before each optimizer step: an N times larger effective "
                         "batch in the same memory (1)")
     g.add_argument("-lr", "--learning-rate", type=positive, default=1e-3, help="peak learning rate (1e-3)")
-    g.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS), help="(adamw)")
+    g.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS),
+                   help="(adamw); lion wants a 3-10x smaller -lr (1e-4) and a larger --weight-decay (1e-3)")
     g.add_argument("--weight-decay", type=at_least(0, float), default=1e-4, help="(1e-4)")
     g.add_argument("--scheduler", default="cosine", choices=list(SCHEDULES),
                    help="learning-rate schedule, per step; plateau halves it when val mIoU stalls (cosine)")
@@ -122,6 +130,10 @@ def check_flags(args: argparse.Namespace) -> None:
 
     if args.use_only_add_val and not args.add_val_dirs:
         raise UserError("--use-only-add-val needs --add-val-dirs FILE")
+    if args.plan and not args.budget:
+        raise UserError("--plan shows the plan of a --budget run: give --budget too, e.g. --budget 20m --plan")
+    if args.budget and "epochs" in given_flags():
+        raise UserError("--budget and -e both set how long to train: give one (--budget plans the epochs)")
     check_band_names(args.add_dirs.split())
     architecture(args.model)
     check_encoder(args.encoder)
@@ -173,6 +185,13 @@ def read_experiment(args: argparse.Namespace, exp_dir: Path):
     args = resume_args(args, ckpt.meta.train_args, exp_dir)
     state = ckpt.training["state"]
     done, saved_epochs = ckpt.epoch, ckpt.meta.train_args["epochs"]
+    if args.budget:  # the plan's epochs; the time left decides
+        spent, args.epochs = state.get("elapsed_s", 0.0), max(saved_epochs, done + 1)
+        finished = args.budget - spent < max(10.0, 0.05 * args.budget)
+        if finished:
+            print(f"experiment {exp_dir} used its budget ({spent:.0f} of {args.budget:.0f} s; best val score "
+                  f"{state['best_score']:.4f} at epoch {state['best_epoch']}); give a larger --budget to continue")
+        return args, ckpt, finished
     finished = done >= args.epochs or (state["early_stopped"] and args.epochs <= saved_epochs)
     if finished:
         how = "stopped early" if state["early_stopped"] and done < args.epochs else f"{done}/{args.epochs} epochs"
@@ -375,7 +394,8 @@ def make_loaders(args: argparse.Namespace, splits: dict, data, meta, workers: in
     pad = any(h < size or w < size for h, w in data.sizes["train"])
     transform = train_transform(args.aug, size, data.rgb8, meta.resize, pad)
     train_set = SegmentationDataset(splits["train"], labels, meta.stats, transform, caches.get("train"))
-    sampler = EpochBatchSampler(len(train_set), args.batch_size, args.seed, rank=procs.rank, world=procs.world)
+    sampler = EpochBatchSampler(len(train_set), args.batch_size, args.seed, rank=procs.rank, world=procs.world,
+                                repeats=args.repeats)
     if len(sampler) == 0:
         raise UserError(f"{len(train_set)} training image(s) cannot be shared by {procs.world} processes; use fewer")
     train = DataLoader(train_set, batch_sampler=sampler, **loader_options(workers, procs.device, 10, prefetch))
@@ -386,7 +406,7 @@ def make_loaders(args: argparse.Namespace, splits: dict, data, meta, workers: in
     return train, evals
 
 
-def train_config(args: argparse.Namespace, exp_dir: Path, procs):
+def train_config(args: argparse.Namespace, exp_dir: Path, procs, clock=None):
     from runtime import amp_dtype, channels_last, configure
     from trainer import TrainConfig
 
@@ -397,7 +417,8 @@ def train_config(args: argparse.Namespace, exp_dir: Path, procs):
                        scheduler=args.scheduler, warmup_epochs=args.warmup_epochs, loss=args.loss,
                        class_weights=args.class_weights, pos_weight=args.pos_weight, accum_steps=args.accum_steps,
                        patience=args.patience, adv_freq=args.adv_freq, val_batch_size=args.batch_size,
-                       log_worst=args.log_worst, rank=procs.rank, world=procs.world)
+                       log_worst=args.log_worst, rank=procs.rank, world=procs.world, clock=clock,
+                       validations=getattr(args, "validations", None))
 
 
 def describe(args: argparse.Namespace, splits: dict, data, meta, model, weights: str, cfg, workers: int,
@@ -417,6 +438,136 @@ def describe(args: argparse.Namespace, splits: dict, data, meta, model, weights:
           f"{args.optimizer} lr {args.learning_rate:g} {args.scheduler}, loss {args.loss}")
     print(f"experiment: {cfg.exp_dir}" + (f" (resuming after epoch {resumed.epoch}/{args.epochs})" if resumed
                                           else ""), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
+def given_flags() -> set[str]:
+    """The flags (argparse names) given on this command line, not left at their defaults: a plan keeps them."""
+    import sys
+
+    parser = get_args_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(sys.argv[1:])))
+
+
+def fingerprint(data, labels):
+    import numpy as np
+
+    from plan import Fingerprint
+
+    pixels = np.asarray(data.stats.class_pixels, np.float64)
+    return Fingerprint(images=len(data.sizes["train"]), median_side=int(np.median([min(s) for s in
+                                                                                   data.sizes["train"]])),
+                       val_pixels=sum(h * w for name, sizes in data.sizes.items() if name != "train"
+                                      for h, w in sizes),
+                       channels=data.channels, dtype=data.dtype, class_shares=(pixels / max(pixels.sum(), 1)).tolist(),
+                       binary=labels.binary, object_size=data.object_size)
+
+
+def machine(procs):
+    from plan import Machine
+    from runtime import cpu_count
+
+    if procs.device.type != "cuda":
+        return Machine(procs.device.type, f"{cpu_count()} CPU cores", cores=cpu_count())
+    import torch
+
+    gpu = torch.cuda.get_device_properties(procs.device)
+    return Machine("cuda", gpu.name, float(gpu.total_memory), cpu_count())
+
+
+def plan_data(args: argparse.Namespace, data, labels, procs, given: set[str]):
+    """The choices the data and the machine make (process 0's, for every process), applied to args."""
+    from plan import choose
+
+    plan = procs.share(choose(fingerprint(data, labels), machine(procs), {k: vars(args)[k] for k in given})
+                       if procs.main else None)
+    apply_plan(args, plan)
+    return plan
+
+
+def plan_steps(args: argparse.Namespace, plan, data, labels, model, meta, procs, clock, given: set[str]):
+    """Time real training steps (on a GPU first the largest batch that fits), then plan steps, epochs and
+    augmentation for the time left; applied to args."""
+    import plan as planning
+
+    if procs.main:
+        fp, m = fingerprint(data, labels), machine(procs)
+        probe = step_timer(args, model, meta, procs)
+        if m.device == "cuda" and "batch_size" not in given:
+            planning.batch_from_probe(plan, m, probe.peaks(planning.probe_sizes(plan, m)), {})
+        clock.step_s = probe.seconds(plan.value("batch_size")) * 1.1  # the loader and the step's bookkeeping
+        clock.val_s = clock.step_s / 3 * fp.val_pixels / (plan.value("batch_size") * meta.image_size ** 2) * 1.5 + 0.5
+        planning.schedule(plan, fp, clock.left() - clock.finish_s - 2.0, clock.step_s, clock.val_s,
+                          {k: vars(args)[k] for k in given})
+    plan = procs.share(plan if procs.main else None)
+    apply_plan(args, plan)
+    return plan
+
+
+def step_timer(args: argparse.Namespace, model, meta, procs):
+    """Times training steps of this model on synthetic batches; on a GPU also their peak memory by batch size."""
+    import contextlib
+
+    import torch
+
+    from budget import probe_peaks, time_steps
+    from losses import SegmentationLoss
+    from model import Normalize, unwrap
+    from optim import make_optimizer
+    from runtime import amp_dtype
+
+    net, amp = unwrap(model), amp_dtype(args.amp, procs.device)
+    parts = (net, SegmentationLoss(args.loss, meta.binary), Normalize(meta.stats).to(procs.device),
+             make_optimizer(args.optimizer, net, args.learning_rate, args.weight_decay))
+    shape = (meta.in_channels, meta.image_size, meta.image_size)
+
+    def autocast():
+        return torch.autocast(procs.device.type, dtype=amp) if amp else contextlib.nullcontext()
+
+    class Timer:
+        def peaks(self, sizes: list[int]) -> dict[int, float]:
+            return probe_peaks(*parts, sizes, shape, max(2, meta.out_channels), procs.device, autocast)
+
+        def seconds(self, batch: int) -> float:
+            return time_steps(*parts, (batch, *shape), max(2, meta.out_channels), procs.device, autocast)
+
+    return Timer()
+
+
+def show_plan(args: argparse.Namespace, plan, clock, exp_dir: Path) -> None:
+    """The plan as a table on the console, and as plan.json in the experiment folder."""
+    import json
+
+    from budget import as_time
+    from fileio import write_text
+
+    start = clock.seconds - clock.left()
+    if clock.left() - clock.finish_s < clock.step_s + clock.val_s:
+        need = start + clock.finish_s + 10 * clock.step_s + clock.val_s
+        raise UserError(f"--budget {as_time(args.budget)}: too short: start-up took {start:.0f} s, a training step "
+                        f"takes ~{clock.step_s:.1f} s and a validation ~{clock.val_s:.1f} s here; give at least "
+                        f"--budget {max(1, round(need))}s")
+    print(f"plan for --budget {as_time(args.budget)} ({as_time(start)} spent starting up):\n{plan.table()}")
+    write_text(exp_dir / "plan.json", json.dumps({"budget_s": args.budget, "startup_s": round(start, 2),
+                                                  "step_s": clock.step_s, "val_s": clock.val_s,
+                                                  "choices": plan.to_dict()}, indent=1, default=str))
+
+
+def apply_plan(args: argparse.Namespace, plan) -> None:
+    for name, choice in plan.choices.items():
+        setattr(args, name, choice.value)
+
+
+def write_args(args: argparse.Namespace, meta, exp_dir: Path) -> None:
+    """args.json: every setting the run trains with (the plan's choices included), readable without segkit."""
+    import json
+
+    from fileio import write_text
+
+    settings = {**vars(args), "image_size": meta.image_size, "model": meta.arch}
+    write_text(exp_dir / "args.json", json.dumps(settings, indent=1, default=str))
 
 
 def fit(trainer, meta):
@@ -440,6 +591,7 @@ def fit(trainer, meta):
 
 # ---------------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> int:
+    from budget import Clock
     from runtime import Processes, gc_paused
 
     with gc_paused():
@@ -457,15 +609,26 @@ def main(args: argparse.Namespace) -> int:
                                                                        args.ignore_label, args.class_names)
         splits = find_splits(args)
         data, workers = check_data(args, splits, labels, exp_dir, procs)
+        given = given_flags() if args.budget and not resumed else set()
+        plan = plan_data(args, data, labels, procs, given) if given else None
         model, meta, weights = make_model(args, data, labels, resumed, procs)
+        clock = Clock(args.budget, resumed.training["state"].get("elapsed_s", 0.0) if resumed else 0.0) \
+            if args.budget else None
+        if plan is not None:
+            plan = plan_steps(args, plan, data, labels, model, meta, procs, clock, given)
+            if procs.main:
+                show_plan(args, plan, clock, exp_dir)
+            if args.plan:
+                return 0
         if not meta.resize:
             warn_large_images(data.sizes["train"], meta.image_size)
         train_loader, eval_sets = make_loaders(args, splits, data, meta, workers, procs)
-        trainer = Trainer(train_config(args, exp_dir, procs), model, train_loader, eval_sets, meta)
+        trainer = Trainer(train_config(args, exp_dir, procs, clock), model, train_loader, eval_sets, meta)
         if resumed:
             trainer.resume(resumed)
         if procs.main:
             describe(args, splits, data, meta, model, weights, trainer.cfg, train_loader.num_workers, resumed)
+            write_args(args, meta, exp_dir)
         state = fit(trainer, meta)
         if procs.main:
             print(f"done: best val score {state.best_score:.4f} at epoch {state.best_epoch}; checkpoints in {exp_dir}")

@@ -8,6 +8,7 @@ Under torchrun, every process trains its share of each batch and evaluates its s
 confusion matrices are summed, so every process takes the same decisions, and process 0 alone writes and prints.
 """
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader
 
 import checkpoint
 import metrics
+from budget import Clock, as_time
 from checkpoint import Checkpoint, CheckpointSaver, ModelMeta
 from cli import progress
 from errors import UserError, warn
@@ -27,6 +29,7 @@ from loaders import epoch_stream
 from losses import SegmentationLoss, loss_weights
 from model import Normalize, Segmenter, min_input_size, unwrap
 from optim import make_optimizer, make_scheduler
+from plan import validation_epochs
 from tblog import TensorBoardLog
 
 
@@ -55,6 +58,8 @@ class TrainConfig:
     log_worst: int = 4
     rank: int = 0  # this process and the number of processes under torchrun
     world: int = 1
+    clock: Clock | None = None  # a --budget run's time: it trains until the planned steps are done or time is up
+    validations: int | None = None  # a --budget run validates this many epochs (plan.validation_epochs), else all
 
 
 @dataclass
@@ -108,6 +113,7 @@ class TrainState:
     bad_epochs: int = 0
     early_stopped: bool = False
     history: list[dict] = field(default_factory=list)
+    elapsed_s: float = 0.0  # a --budget run's time spent, by every process that ran it
 
     def record(self, epoch: int, row: dict, score: float | None, patience: int) -> bool:
         """Record the epoch; True when it is the best so far."""
@@ -147,6 +153,7 @@ class Trainer:
         self.state = TrainState()
         self.log = TensorBoardLog(cfg.exp_dir, meta.labels.num_classes, eval_sets[0].loader.dataset)
         self.saver: CheckpointSaver | None = None  # process 0's, while fit() runs
+        self.timed = (0.0, 0)  # a budget run's training seconds and steps in this process
 
     # ------------------------------------------------------------------------------------------ state
     def autocast(self):
@@ -203,7 +210,9 @@ class Trainer:
         eval_epochs = {e.name: epoch_stream(e.loader) for e in self.eval_sets}
         val = None
         try:
-            for epoch in range(s.epoch + 1, self.cfg.epochs + 1):
+            for epoch in itertools.count(s.epoch + 1):
+                if self.ended(epoch):
+                    break
                 val = self.run_epoch(epoch, next(train_epochs), eval_epochs)
                 if s.early_stopped:
                     break
@@ -218,26 +227,64 @@ class Trainer:
                   f"{s.best_epoch})")
         return s
 
+    def ended(self, epoch: int) -> bool:
+        """Epochs done, or a budget run's planned steps (or, alone, its time)."""
+        if self.cfg.clock is None:
+            return epoch > self.cfg.epochs
+        return self.scheduler.last_epoch >= self.horizon.total or (self.cfg.world == 1 and
+                                                                   self.cfg.clock.train_left() <= 0)
+
+    def validates(self, epoch: int) -> bool:
+        """Every epoch validates, but in a budget run those its plan spreads (and the last)."""
+        return self.cfg.validations is None or self.ended(epoch + 1) or \
+            epoch in validation_epochs(self.cfg.epochs, self.cfg.validations)
+
+    def replan(self, epoch: int, train_s: float, steps: int, val_s: float | None) -> None:
+        """A budget run, at an epoch's end: the steps that fit in the time left, from this epoch's timings, become
+        the schedule's end, so the learning rate decays to the budget's end (process 0 decides, for all)."""
+        clock, done = self.cfg.clock, self.scheduler.last_epoch
+        self.timed = (self.timed[0] + train_s, self.timed[1] + steps)  # this process's steps so far: a steady rate
+        clock.step_s = self.timed[0] / max(self.timed[1], 1)
+        clock.val_s = val_s or clock.val_s
+        due = sum(e > epoch for e in validation_epochs(self.cfg.epochs, self.cfg.validations or self.cfg.epochs))
+        more = max(0, int((clock.left() - clock.finish_s - due * clock.val_s) / clock.step_s))
+        total = torch.tensor([done + more], device=self.cfg.device)
+        if self.cfg.world > 1:
+            torch.distributed.broadcast(total, 0)
+        self.horizon.total = int(total.item())
+        per_epoch = len(self.train_loader) / self.cfg.accum_steps
+        self.cfg.epochs = epoch + math.ceil((self.horizon.total - done) / per_epoch)  # for the console
+        self.state.elapsed_s = clock.spent()
+
+    @property
+    def horizon(self):
+        """The step schedule whose end a budget run moves (optim.StepSchedule)."""
+        return self.scheduler.lr_lambdas[0]
+
     def run_epoch(self, epoch: int, batches, eval_epochs: dict) -> EvalResult | None:
         t0 = time.monotonic()
         train_loss, lr = self.train_one_epoch(epoch, batches)
+        train_s = time.monotonic() - t0
         if not math.isfinite(train_loss):
             raise UserError(f"training diverged at epoch {epoch} (loss {train_loss}); last.pth keeps epoch "
                             f"{self.saved_epoch}: run the same command with --amp off to resume from there, or start "
                             "a new --exp-name with a lower -lr")
         due = [e for e in self.eval_sets if e.name == "val" or epoch % self.cfg.adv_freq == 0
-               or epoch == self.cfg.epochs]
+               or epoch == self.cfg.epochs] if self.validates(epoch) else []
         self.sync_buffers()
         results = {e.name: self.evaluate(e, next(eval_epochs[e.name])) for e in due}
         row, score = epoch_row(self.meta, self.eval_sets, epoch, train_loss, lr, results,
                                len(due) == len(self.eval_sets))
         row["time_s"] = time.monotonic() - t0
+        if self.cfg.clock is not None:
+            self.replan(epoch, train_s, self.epoch_steps, sum(r.seconds for r in results.values()) or None)
         improved = self.state.record(epoch, row, score, self.cfg.patience)
         self.share_stop()
         if self.plateau and score is not None:
             self.scheduler.step(score)
         if self.main:
-            print(summary(row, self.state, self.cfg.epochs, improved), flush=True)
+            left = f"  {as_time(self.cfg.clock.left())} left" if self.cfg.clock is not None else ""
+            print(summary(row, self.state, self.cfg.epochs, improved) + left, flush=True)
             self.saver.epoch_end(self.state.history, improved, lambda: self.worst_predictions(results.get("val")))
         return results.get("val")
 
@@ -251,6 +298,7 @@ class Trainer:
                        disable=not self.main)
         shown = time.monotonic()
         k = self.cfg.accum_steps
+        self.epoch_steps = 0
         for i, batch in enumerate(bar):
             images = self.normalize(self.to_device(batch["image"]))
             masks = batch["mask"].to(self.cfg.device, non_blocking=True)
@@ -263,13 +311,16 @@ class Trainer:
                 self.backward(loss / group)
             if last:
                 self.step()
+                self.epoch_steps += 1
             loss_sum += loss.detach()
             if self.main and time.monotonic() - shown > 0.5:  # one host sync per half second, not per step
                 bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.4f}")
                 shown = time.monotonic()
+            if last and self.cfg.clock is not None and self.ended(epoch):  # the plan's last step, or time is up
+                break
         bar.close()
         self.all_reduce(loss_sum, average=True)
-        return loss_sum.item() / max(steps, 1), self.optimizer.param_groups[0]["lr"]
+        return loss_sum.item() / max(i + 1, 1), self.optimizer.param_groups[0]["lr"]
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         """(N, H, W, C) host batch -> (N, C, H, W) on the device; channels last makes it a view, not a copy."""

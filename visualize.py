@@ -3,9 +3,11 @@ training curves.
 
   python -m visualize curves logs/my_exp              # writes logs/my_exp/curves.png from its metrics.csv
   python -m visualize curves logs/my_exp -o run.png
+  python -m visualize compare logs/a logs/b logs/c    # their val mIoU against minutes: compare.png, and a table
 """
 import argparse
 import csv
+import itertools
 import math
 from pathlib import Path
 
@@ -177,23 +179,68 @@ def plot_curves(rows: list[dict[str, float]], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def compare(exp_dirs: list[Path], out: Path) -> str:
+    """Validation mIoU of several runs against wall time on one figure; returns a table of their best."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    lines = [f"{'experiment':<24} {'best mIoU':>9} {'epoch':>5} {'minute':>6}  {'model':<18} {'crop':>4} "
+             f"{'batch':>5} {'budget':>6}"]
+    for exp in exp_dirs:
+        rows = [r for r in read_metrics(exp) if not math.isnan(r.get("val_miou", math.nan))]
+        if not rows:
+            raise UserError(f"{exp}/metrics.csv: no validated epoch yet")
+        minutes = [m / 60 for m in itertools.accumulate(r.get("time_s", 0.0) for r in rows)]
+        ax.plot(minutes, [r["val_miou"] for r in rows], marker=".", label=exp.name)
+        k = max(range(len(rows)), key=lambda i: rows[i]["val_miou"])
+        settings = read_args(exp)
+        budget = f"{settings['budget'] / 60:.0f}m" if settings.get("budget") else "-"
+        lines.append(f"{exp.name[:24]:<24} {rows[k]['val_miou']:>9.4f} {rows[k]['epoch']:>5.0f} {minutes[k]:>6.1f}  "
+                     f"{str(settings.get('model', '?')) + '/' + str(settings.get('encoder', '?')):<18.18} "
+                     f"{settings.get('image_size') or '-'!s:>4} {settings.get('batch_size', '-')!s:>5} {budget:>6}")
+    ax.set(xlabel="minutes of training (validation included)", ylabel="val mIoU", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return "\n".join(lines)
+
+
+def read_args(exp_dir: Path) -> dict:
+    """The settings a run trained with (args.json), {} where it has none (runs of older versions)."""
+    from fileio import read_json
+
+    path = Path(exp_dir) / "args.json"
+    return read_json(path, "it is rewritten when the run resumes") if path.is_file() else {}
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("curves", help="loss and mIoU per epoch of a training run, from its metrics.csv")
     c.add_argument("exp_dir", type=Path, help="experiment folder written by train.py (holds metrics.csv)")
     c.add_argument("-o", "--output", type=Path, help="the picture (default: EXP_DIR/curves.png)")
+    c = sub.add_parser("compare", help="several runs' val mIoU against wall time on one figure, and their best")
+    c.add_argument("exp_dirs", type=Path, nargs="+", help="experiment folders written by train.py")
+    c.add_argument("-o", "--output", type=Path, default=Path("compare.png"), help="the picture (compare.png)")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    rows = read_metrics(args.exp_dir)
     out = args.output or args.exp_dir / "curves.png"
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".pdf", ".svg"):
         raise UserError(f"-o {out}: name a .png, .jpg, .pdf or .svg file")
     if not out.parent.is_dir():
         raise UserError(f"-o {out}: folder {out.parent} does not exist; create it first")
-    plot_curves(rows, f"{args.exp_dir.resolve().name}: {len(rows)} epochs", out)
+    if args.command == "compare":
+        print(compare(args.exp_dirs, out))
+    else:
+        rows = read_metrics(args.exp_dir)
+        plot_curves(rows, f"{args.exp_dir.resolve().name}: {len(rows)} epochs", out)
     print(f"wrote {out}")
     return 0
 

@@ -1,4 +1,5 @@
 """predict.py and export.py through their command lines: masks for folders and GeoTIFF scenes, ONNX bundles."""
+import csv
 import hashlib
 import json
 import os
@@ -407,3 +408,51 @@ def test_damaged_georeference_and_nodata_tags_are_left_out_with_a_warning(tmp_pa
     assert "GDAL_NODATA tag 'abc' is not a number" in r.stderr
     with tifffile.TiffFile(tmp_path / "out" / "s.tif") as t:
         assert 33550 not in t.pages[0].tags and t.pages[0].shape == (100, 90)
+
+
+def test_shards_and_torchrun_predict_each_input_once_as_one_process_does(tmp_path, data, ckpt):
+    images = data / "val" / "images"
+    ref = predict("-m", ckpt, "-i", images, "-o", tmp_path / "one", "--cpu")
+    assert ref.returncode == 0, ref.stderr
+    stems = sorted(p.stem for p in images.iterdir())
+    masks = {p.stem: tifffile.imread(p) for p in (tmp_path / "one").iterdir()}
+    counts = []
+    for k in (1, 2):  # two job-array tasks into one folder: no --overwrite needed
+        r = predict("-m", ckpt, "-i", images, "-o", tmp_path / "shards", "--cpu", "--shard", f"{k}/2")
+        assert r.returncode == 0, r.stderr
+        counts.append(len(list((tmp_path / "shards").iterdir())))
+    assert 0 < counts[0] < len(stems) == counts[1]
+    for p in (tmp_path / "shards").iterdir():
+        assert np.array_equal(tifffile.imread(p), masks[p.stem])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                        str(ROOT / "predict.py"), "-m", str(ckpt), "-i", str(images), "-o", str(tmp_path / "two"),
+                        "--cpu"], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("predicted 4 image(s)") == 1  # once, for every process's work
+    assert sorted(p.stem for p in (tmp_path / "two").iterdir()) == stems
+    for p in (tmp_path / "two").iterdir():
+        assert np.array_equal(tifffile.imread(p), masks[p.stem])
+
+
+def test_uncertainty_ranks_the_images_to_label_next(tmp_path, data, ckpt):
+    r = predict("-m", ckpt, "-i", data / "val" / "images", "-o", tmp_path / "u", "--uncertainty",
+                "--uncertainty-maps")
+    assert r.returncode == 0 and "ranked by uncertainty" in r.stdout, r.stderr
+    with open(tmp_path / "u" / "uncertainty.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(row["image"]).stem for row in rows] != [] and len(rows) == 4
+    scores = [float(row["uncertainty"]) for row in rows]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    assert {"uncertain_pixels", "share_0", "share_255"} <= set(rows[0])
+    assert abs(sum(float(rows[0][k]) for k in ("share_0", "share_255")) - 1) < 1e-4
+    first = Path(rows[0]["image"]).stem
+    heat = tifffile.imread(tmp_path / "u" / f"{first}_uncertainty.tif")
+    assert heat.dtype == np.uint8 and heat.shape == (48, 80)
+    assert abs(heat.mean() / 255 - scores[0]) < 0.01  # the map is the score's pixels
+
+
+@pytest.mark.parametrize("value,needle", [("3/2", "1 <= K <= N"), ("0/0", "1 <= K <= N"), ("a/b", "is not K/N")])
+def test_bad_shards_are_one_line(tmp_path, data, ckpt, value, needle):
+    assert_user_error(predict("-m", ckpt, "-i", data / "val" / "images", "-o", tmp_path / "x", "--shard", value),
+                      "--shard", needle)

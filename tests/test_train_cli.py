@@ -547,3 +547,43 @@ def test_class_names_are_carried_everywhere_a_class_is_shown(tmp_path):
 def test_bad_class_names_are_one_line(tmp_path, names, needle):
     ds = make_dataset(tmp_path / "ds", values=(1, 2, 5))
     assert_user_error(train(ds, tmp_path / "logs", "--class-list", "1 2 5", "--class-names", names), needle)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--budget", "20"], "--budget: '20' is not a duration such as 90s, 20m, 1.5h or 1h30m; write 20m or 20s"),
+    (["--budget", "-5m"], "not a duration"), (["--budget", "0s"], "more than 0"), (["--budget", "1e9h"], "duration"),
+    (["--budget", "1m", "-e", "5"], "--budget and -e both set how long to train"),
+    (["--plan"], "--plan shows the plan of a --budget run"),
+    (["--budget", "3s"], "too short"),
+])
+def test_bad_budgets_are_one_line(tmp_path, binary_ds, flags, needle):
+    r = run_script("train.py", "-d", binary_ds, "-log", tmp_path / "logs", "--cpu", "-w", "0", "--encoder",
+                   "resnet18", "--encoder-weights", "none", *flags)
+    assert_user_error(r, needle)
+    if "too short" in needle:
+        assert "give at least --budget" in r.stderr
+
+
+def test_budget_run_ends_in_time_with_its_plan_and_resumes_into_a_larger_budget(tmp_path, binary_ds):
+    """--budget: the whole run, start-up included, ends within the budget; the plan is printed and kept in
+    plan.json; flags given win; the same command again says the budget is used; a larger one continues."""
+    base = ["train.py", "-d", binary_ds, "-log", tmp_path / "logs", "--cpu", "-w", "0", "--encoder", "resnet18",
+            "--encoder-weights", "none", "-b", "2", "--exp-name", "b"]
+    r = run_script(*base, "--budget", "40s", "--plan")
+    assert r.returncode == 0 and "plan for --budget 0:40" in r.stdout and "(yours)" in r.stdout, r.stderr
+    assert not (tmp_path / "logs" / "b" / "last.pth").exists()  # --plan trains nothing
+    t0 = time.monotonic()
+    r = run_script(*base, "--budget", "40s")
+    wall = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    assert wall <= 40 * 1.05 + 5, wall
+    exp = tmp_path / "logs" / "b"
+    plan = json.loads((exp / "plan.json").read_text())
+    assert plan["choices"]["batch_size"] == {"value": 2, "reason": "your flag", "yours": True}
+    assert {"image_size", "loss", "repeats", "epochs", "aug"} <= set(plan["choices"])
+    assert "left" in r.stdout and (exp / "best.pth").is_file() and len(rows(exp)) >= 2
+    r = run_script(*base, "--budget", "40s")
+    assert r.returncode == 0 and "used its budget" in r.stdout, r.stdout + r.stderr
+    epochs = len(rows(exp))
+    r = run_script(*base, "--budget", "60s")
+    assert r.returncode == 0 and "resuming after epoch" in r.stdout and len(rows(exp)) > epochs, r.stdout + r.stderr
