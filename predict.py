@@ -13,6 +13,7 @@ of any size is predicted in bounded memory.
 """
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -266,8 +267,10 @@ def main() -> None:
     extra = f", {missing / max(pixels, 1):.1%} of pixels nodata" if missing else ""
     if args.uncertainty:
         extra += f"; images ranked by uncertainty in {write_uncertainty(out, rows, args.shard)}"
+    # Under torchrun, whose own notes go to stderr, the summary for every process closes that stream: a log's last line.
     print(f"predicted {inputs - len(failed)} image(s), {pixels / 1e6:.1f} Mpx in {seconds:.1f} s "
-          f"({pixels / 1e6 / seconds:.2f} Mpx/s){extra}; masks in {out}")
+          f"({pixels / 1e6 / seconds:.2f} Mpx/s){extra}; masks in {out}",
+          file=sys.stderr if len(results) > 1 else sys.stdout, flush=True)
     if failed:
         raise problem_list(f"{len(failed)} of {inputs} input(s) could not be predicted; the others were. Fix or "
                            "remove these, then run the same command with --skip-existing to finish:", failed)

@@ -429,7 +429,7 @@ def test_shards_and_torchrun_predict_each_input_once_as_one_process_does(tmp_pat
                         "--cpu"], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"),
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("predicted 4 image(s)") == 1  # once, for every process's work
+    assert (r.stdout + r.stderr).count("predicted 4 image(s)") == 1  # once, for every process's work
     assert sorted(p.stem for p in (tmp_path / "two").iterdir()) == stems
     for p in (tmp_path / "two").iterdir():
         assert np.array_equal(tifffile.imread(p), masks[p.stem])
