@@ -54,6 +54,7 @@ class Clock:
         self.val_s = 0.0  # one validation, as last measured
         self.step_s = 0.0  # one training step, as last measured
         self.finish_s = 3.0  # the final writes and exit
+        self.trained = (0.0, 0)  # seconds and steps of training in this process
 
     def left(self) -> float:
         return self.end - time.monotonic()
@@ -66,10 +67,17 @@ class Clock:
         return self.left() - self.val_s - self.finish_s
 
     def steps_left(self, validations: int) -> int:
-        """Training steps that fit in the time left, with `validations` more validations besides the last."""
+        """Training steps that fit in the time left besides `validations` more validations and the final writes."""
         if not self.step_s:
             return 0
-        return max(0, int((self.train_left() - validations * self.val_s) / self.step_s))
+        return max(0, int((self.left() - self.finish_s - validations * self.val_s) / self.step_s))
+
+    def timed(self, train_s: float, steps: int, val_s: float | None) -> None:
+        """An epoch's timings: the step time becomes this process's steady rate so far; a validation's, its own."""
+        self.trained = (self.trained[0] + train_s, self.trained[1] + steps)
+        self.step_s = self.trained[0] / max(self.trained[1], 1)
+        self.val_s = val_s or self.val_s
+
 
 
 def time_steps(model, criterion, normalize, optimizer, shape: tuple, classes: int, device, autocast, steps: int = 3
@@ -129,3 +137,36 @@ def probe_peaks(model, criterion, normalize, optimizer, sizes: list[int], shape:
         if not math.isfinite(peaks[b]):
             break
     return peaks
+
+
+def machine(device):
+    """The facts about this machine a plan reads (plan.Machine)."""
+    from plan import Machine
+    from runtime import cpu_count
+
+    if device.type != "cuda":
+        return Machine(device.type, f"{cpu_count()} CPU cores", cores=cpu_count())
+    import torch
+
+    gpu = torch.cuda.get_device_properties(device)
+    return Machine("cuda", gpu.name, float(gpu.total_memory), cpu_count())
+
+
+class StepTimer:
+    """Training steps of a model timed on synthetic batches (net: the plain network), with the run's loss,
+    normalisation, optimizer and mixed precision; on a GPU also their peak memory by batch size."""
+
+    def __init__(self, net, criterion, normalize, optimizer, shape: tuple, classes: int, device, amp):
+        import contextlib
+
+        import torch
+
+        self.parts = (net, criterion, normalize, optimizer)
+        self.shape, self.classes, self.device = shape, classes, device
+        self.autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+
+    def peaks(self, sizes: list[int]) -> dict[int, float]:
+        return probe_peaks(*self.parts, sizes, self.shape, self.classes, self.device, self.autocast)
+
+    def seconds(self, batch: int) -> float:
+        return time_steps(*self.parts, (batch, *self.shape), self.classes, self.device, self.autocast)

@@ -16,13 +16,14 @@ used where torch is not installed.
 import copy
 import csv
 import io
+import math
 import queue
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from errors import UserError, note
+from errors import UserError, note, warn
 from fileio import as_disk_error, atomic_output, write_text
 from labels import ChannelStats, Labels
 
@@ -175,6 +176,21 @@ def load(path: Path) -> Checkpoint:
     if not isinstance(d.get("model"), dict) or not isinstance(d.get("epoch"), int):
         raise UserError(f"{path}: segkit checkpoint without weights or epoch; the file is damaged")
     return Checkpoint(d["model"], meta, d["epoch"], d.get("score"), training)
+
+
+def best_to_keep(path: Path, epoch: int, score: float, best_epoch: int) -> tuple[float, int]:
+    """The best score and its epoch for a run resuming at `epoch`: a kill between writing best.pth and last.pth left a
+    newer best behind, whose score stands; a damaged best.pth is replaced by the next epoch that improves."""
+    if not Path(path).exists():
+        return score, best_epoch
+    try:
+        best = load(path)
+    except UserError as e:
+        warn(f"{e}; it will be replaced by the next epoch that improves the val score")
+        return -math.inf, best_epoch
+    if best.epoch > epoch and best.score is not None and best.score > score:
+        return best.score, best.epoch
+    return score, best_epoch
 
 
 def read_weights(path: Path) -> dict:

@@ -16,6 +16,11 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
+        flag = message.split("argument ", 1)[-1].split(":", 1)[0].split("/")[-1]
+        if message.endswith("expected one argument") and flag in sys.argv[:-1]:
+            value = sys.argv[sys.argv.index(flag) + 1]
+            if value[:1] == "-" and value[1:2].isdigit():  # taken for a flag, as argparse does with -5m
+                message = f"argument {flag}: '{value}' is negative; give a value above 0"
         if is_main_process():
             print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
         sys.exit(2)

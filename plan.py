@@ -71,6 +71,17 @@ class Plan:
         return {n: asdict(c) for n, c in self.choices.items()}
 
 
+def fingerprint(data, labels) -> Fingerprint:
+    """The Fingerprint of a checked dataset (checks.DataSummary) with its labels."""
+    pixels = [float(c) for c in data.stats.class_pixels]
+    sides = sorted(min(s) for s in data.sizes["train"])
+    return Fingerprint(images=len(sides), median_side=sides[len(sides) // 2],
+                       val_pixels=sum(h * w for name, sizes in data.sizes.items() if name != "train" for h, w in sizes),
+                       channels=data.channels, dtype=data.dtype,
+                       class_shares=[c / max(sum(pixels), 1) for c in pixels], binary=labels.binary,
+                       object_size=data.object_size)
+
+
 def round32(x: float) -> int:
     return max(32, math.ceil(x / 32) * 32)
 

@@ -221,8 +221,10 @@ def resume_args(args: argparse.Namespace, saved: dict, exp_dir: Path) -> argpars
             raise UserError(f"experiment {exp_dir} was trained with {as_flag(key, saved[key])} and this command "
                             f"has {as_flag(key, getattr(args, key))}; use a new --exp-name, or the same setting to "
                             "resume")
+    planned = saved.get("budget") and set(saved) - given_flags()  # a budget run's own choices are no one's flags
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (saved {v})" for k, v in saved.items()
-               if k not in RESUME_OVERRIDES and k not in model_set and hasattr(args, k) and getattr(args, k) != v]
+               if k not in RESUME_OVERRIDES and k not in model_set and hasattr(args, k) and getattr(args, k) != v
+               and not (planned and k in planned)]
     if changed:
         print(f"note: resuming with the experiment's saved settings; ignoring {', '.join(changed)}")
     return argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in RESUME_OVERRIDES}})
@@ -451,37 +453,12 @@ def given_flags() -> set[str]:
     return set(vars(parser.parse_args(sys.argv[1:])))
 
 
-def fingerprint(data, labels):
-    import numpy as np
-
-    from plan import Fingerprint
-
-    pixels = np.asarray(data.stats.class_pixels, np.float64)
-    return Fingerprint(images=len(data.sizes["train"]), median_side=int(np.median([min(s) for s in
-                                                                                   data.sizes["train"]])),
-                       val_pixels=sum(h * w for name, sizes in data.sizes.items() if name != "train"
-                                      for h, w in sizes),
-                       channels=data.channels, dtype=data.dtype, class_shares=(pixels / max(pixels.sum(), 1)).tolist(),
-                       binary=labels.binary, object_size=data.object_size)
-
-
-def machine(procs):
-    from plan import Machine
-    from runtime import cpu_count
-
-    if procs.device.type != "cuda":
-        return Machine(procs.device.type, f"{cpu_count()} CPU cores", cores=cpu_count())
-    import torch
-
-    gpu = torch.cuda.get_device_properties(procs.device)
-    return Machine("cuda", gpu.name, float(gpu.total_memory), cpu_count())
-
-
 def plan_data(args: argparse.Namespace, data, labels, procs, given: set[str]):
     """The choices the data and the machine make (process 0's, for every process), applied to args."""
-    from plan import choose
+    from budget import machine
+    from plan import choose, fingerprint
 
-    plan = procs.share(choose(fingerprint(data, labels), machine(procs), {k: vars(args)[k] for k in given})
+    plan = procs.share(choose(fingerprint(data, labels), machine(procs.device), {k: vars(args)[k] for k in given})
                        if procs.main else None)
     apply_plan(args, plan)
     return plan
@@ -491,10 +468,18 @@ def plan_steps(args: argparse.Namespace, plan, data, labels, model, meta, procs,
     """Time real training steps (on a GPU first the largest batch that fits), then plan steps, epochs and
     augmentation for the time left; applied to args."""
     import plan as planning
+    from budget import StepTimer, machine
+    from losses import SegmentationLoss
+    from model import Normalize, unwrap
+    from optim import make_optimizer
+    from runtime import amp_dtype
 
     if procs.main:
-        fp, m = fingerprint(data, labels), machine(procs)
-        probe = step_timer(args, model, meta, procs)
+        fp, m, net = planning.fingerprint(data, labels), machine(procs.device), unwrap(model)
+        probe = StepTimer(net, SegmentationLoss(args.loss, meta.binary), Normalize(meta.stats).to(procs.device),
+                          make_optimizer(args.optimizer, net, args.learning_rate, args.weight_decay),
+                          (meta.in_channels, meta.image_size, meta.image_size), max(2, meta.out_channels),
+                          procs.device, amp_dtype(args.amp, procs.device))
         if m.device == "cuda" and "batch_size" not in given:
             planning.batch_from_probe(plan, m, probe.peaks(planning.probe_sizes(plan, m)), {})
         clock.step_s = probe.seconds(plan.value("batch_size")) * 1.1  # the loader and the step's bookkeeping
@@ -504,36 +489,6 @@ def plan_steps(args: argparse.Namespace, plan, data, labels, model, meta, procs,
     plan = procs.share(plan if procs.main else None)
     apply_plan(args, plan)
     return plan
-
-
-def step_timer(args: argparse.Namespace, model, meta, procs):
-    """Times training steps of this model on synthetic batches; on a GPU also their peak memory by batch size."""
-    import contextlib
-
-    import torch
-
-    from budget import probe_peaks, time_steps
-    from losses import SegmentationLoss
-    from model import Normalize, unwrap
-    from optim import make_optimizer
-    from runtime import amp_dtype
-
-    net, amp = unwrap(model), amp_dtype(args.amp, procs.device)
-    parts = (net, SegmentationLoss(args.loss, meta.binary), Normalize(meta.stats).to(procs.device),
-             make_optimizer(args.optimizer, net, args.learning_rate, args.weight_decay))
-    shape = (meta.in_channels, meta.image_size, meta.image_size)
-
-    def autocast():
-        return torch.autocast(procs.device.type, dtype=amp) if amp else contextlib.nullcontext()
-
-    class Timer:
-        def peaks(self, sizes: list[int]) -> dict[int, float]:
-            return probe_peaks(*parts, sizes, shape, max(2, meta.out_channels), procs.device, autocast)
-
-        def seconds(self, batch: int) -> float:
-            return time_steps(*parts, (batch, *shape), max(2, meta.out_channels), procs.device, autocast)
-
-    return Timer()
 
 
 def show_plan(args: argparse.Namespace, plan, clock, exp_dir: Path) -> None:

@@ -23,7 +23,7 @@ import metrics
 from budget import Clock, as_time
 from checkpoint import Checkpoint, CheckpointSaver, ModelMeta
 from cli import progress
-from errors import UserError, warn
+from errors import UserError
 from inference import Predictor, TorchRunner
 from loaders import epoch_stream
 from losses import SegmentationLoss, loss_weights
@@ -153,7 +153,6 @@ class Trainer:
         self.state = TrainState()
         self.log = TensorBoardLog(cfg.exp_dir, meta.labels.num_classes, eval_sets[0].loader.dataset)
         self.saver: CheckpointSaver | None = None  # process 0's, while fit() runs
-        self.timed = (0.0, 0)  # a budget run's training seconds and steps in this process
 
     # ------------------------------------------------------------------------------------------ state
     def autocast(self):
@@ -176,22 +175,12 @@ class Trainer:
         self.state = TrainState(**{**training["state"], "history": list(training["state"]["history"])})
         if self.state.early_stopped:  # more epochs asked for after an early stop: patience starts afresh
             self.state.early_stopped, self.state.bad_epochs = False, 0
-        self.check_best()
-
-    def check_best(self) -> None:
-        """A kill between writing best.pth and last.pth leaves a newer best behind: keep its score. A damaged
-        best.pth is replaced by the next improving epoch."""
-        path = self.cfg.exp_dir / "best.pth"
-        if not path.exists():
-            return
-        try:
-            best = checkpoint.load(path)
-        except UserError as e:
-            warn(f"{e}; it will be replaced by the next epoch that improves the val score")
-            self.state.best_score = -math.inf
-            return
-        if best.epoch > self.state.epoch and best.score is not None and best.score > self.state.best_score:
-            self.state.best_score, self.state.best_epoch = best.score, best.epoch
+        s = self.state
+        s.best_score, s.best_epoch = checkpoint.best_to_keep(self.cfg.exp_dir / "best.pth", s.epoch, s.best_score,
+                                                             s.best_epoch)
+        if self.cfg.clock is not None and s.elapsed_s:  # a larger budget: more steps, at the pace so far
+            done = self.scheduler.last_epoch
+            self.horizon.total = max(self.horizon.total, int(done * self.cfg.clock.seconds / s.elapsed_s))
 
     # ------------------------------------------------------------------------------------------ loop
     @property
@@ -217,7 +206,7 @@ class Trainer:
                 if s.early_stopped:
                     break
             if self.main:
-                self.saver.flush(s.history, lambda: self.worst_predictions(val))
+                self.saver.flush(s.history, lambda: self.worst(val))
         finally:
             if self.saver is not None:
                 self.saver.close()
@@ -243,18 +232,18 @@ class Trainer:
         """A budget run, at an epoch's end: the steps that fit in the time left, from this epoch's timings, become
         the schedule's end, so the learning rate decays to the budget's end (process 0 decides, for all)."""
         clock, done = self.cfg.clock, self.scheduler.last_epoch
-        self.timed = (self.timed[0] + train_s, self.timed[1] + steps)  # this process's steps so far: a steady rate
-        clock.step_s = self.timed[0] / max(self.timed[1], 1)
-        clock.val_s = val_s or clock.val_s
+        clock.timed(train_s, steps, val_s)
         due = sum(e > epoch for e in validation_epochs(self.cfg.epochs, self.cfg.validations or self.cfg.epochs))
-        more = max(0, int((clock.left() - clock.finish_s - due * clock.val_s) / clock.step_s))
-        total = torch.tensor([done + more], device=self.cfg.device)
+        total = torch.tensor([done + clock.steps_left(due)], device=self.cfg.device)
         if self.cfg.world > 1:
             torch.distributed.broadcast(total, 0)
         self.horizon.total = int(total.item())
         per_epoch = len(self.train_loader) / self.cfg.accum_steps
         self.cfg.epochs = epoch + math.ceil((self.horizon.total - done) / per_epoch)  # for the console
         self.state.elapsed_s = clock.spent()
+
+    def worst(self, val: EvalResult | None) -> list | None:
+        return worst_predictions(val, self.cfg.log_worst, self.predictor, self.eval_sets[0].loader.dataset)
 
     @property
     def horizon(self):
@@ -285,7 +274,7 @@ class Trainer:
         if self.main:
             left = f"  {as_time(self.cfg.clock.left())} left" if self.cfg.clock is not None else ""
             print(summary(row, self.state, self.cfg.epochs, improved) + left, flush=True)
-            self.saver.epoch_end(self.state.history, improved, lambda: self.worst_predictions(results.get("val")))
+            self.saver.epoch_end(self.state.history, improved, lambda: self.worst(results.get("val")))
         return results.get("val")
 
     def train_one_epoch(self, epoch: int, batches) -> tuple[float, float]:
@@ -389,25 +378,27 @@ class Trainer:
                 t /= self.cfg.world
 
     # ------------------------------------------------------------------------------------------ bookkeeping
-    @torch.no_grad()
-    def worst_predictions(self, val: EvalResult | None) -> list[tuple[int, float, np.ndarray]] | None:
-        """(index, IoU, predicted classes) of the val samples with the lowest IoU over every process: the picture is
-        drawn later. This process kept its own worst from the evaluation; under torchrun, those another process
-        scored are predicted again. None without a val result or --log-worst."""
-        if val is None or not self.cfg.log_worst:
-            return None
-        captured = {index: classes for _, index, classes in val.worst}
-        ious = val.per_image_iou.numpy()
-        elsewhere = np.ones(len(ious), dtype=bool)
-        elsewhere[list(captured)] = False
-        out = []
-        for index in np.lexsort((elsewhere, ious))[: self.cfg.log_worst].tolist():  # ties: captured first
-            classes = captured.get(index)
-            if classes is None:
-                image = self.eval_sets[0].loader.dataset[index]["image"]
-                classes = metrics.predict_classes(self.predictor.logits(self.predictor.runner.asarray(image[None])))[0]
-            out.append((index, float(ious[index]), classes.byte().cpu().numpy()))
-        return out
+
+
+@torch.no_grad()
+def worst_predictions(val: EvalResult | None, k: int, predictor, dataset) -> list[tuple[int, float, np.ndarray]] | None:
+    """(index, IoU, predicted classes) of the k val samples with the lowest IoU over every process: the picture is
+    drawn later. This process kept its own worst from the evaluation; under torchrun, those another process scored
+    are predicted again. None without a val result or k."""
+    if val is None or not k:
+        return None
+    captured = {index: classes for _, index, classes in val.worst}
+    ious = val.per_image_iou.numpy()
+    elsewhere = np.ones(len(ious), dtype=bool)
+    elsewhere[list(captured)] = False
+    out = []
+    for index in np.lexsort((elsewhere, ious))[:k].tolist():  # ties: captured first
+        classes = captured.get(index)
+        if classes is None:
+            image = dataset[index]["image"]
+            classes = metrics.predict_classes(predictor.logits(predictor.runner.asarray(image[None])))[0]
+        out.append((index, float(ious[index]), classes.byte().cpu().numpy()))
+    return out
 
 
 def epoch_row(meta: ModelMeta, eval_sets: list[EvalSet], epoch: int, train_loss: float, lr: float, results: dict,

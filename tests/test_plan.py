@@ -88,4 +88,8 @@ def test_validations_are_dense_early_and_include_the_last_epoch():
 def test_clock_keeps_back_the_last_validation_and_the_writes():
     clock = Clock(100.0, spent=40.0)
     clock.val_s, clock.step_s = 5.0, 0.5
-    assert 50 < clock.train_left() <= 52 and clock.steps_left(2) == int((clock.train_left() - 10) / 0.5)
+    assert clock.left() <= 60 and clock.train_left() == pytest.approx(clock.left() - 5 - clock.finish_s, abs=0.01)
+    assert clock.steps_left(2) == int((clock.left() - clock.finish_s - 10) / 0.5)
+    clock.timed(4.0, 10, None)
+    clock.timed(2.0, 10, 3.0)
+    assert clock.step_s == 0.3 and clock.val_s == 3.0  # the steady rate of every epoch so far

@@ -551,7 +551,8 @@ def test_bad_class_names_are_one_line(tmp_path, names, needle):
 
 @pytest.mark.parametrize("flags,needle", [
     (["--budget", "20"], "--budget: '20' is not a duration such as 90s, 20m, 1.5h or 1h30m; write 20m or 20s"),
-    (["--budget", "-5m"], "not a duration"), (["--budget", "0s"], "more than 0"), (["--budget", "1e9h"], "duration"),
+    (["--budget", "-5m"], "--budget: '-5m' is negative"), (["--budget", "0s"], "more than 0"),
+    (["--budget", "1e9h"], "duration"),
     (["--budget", "1m", "-e", "5"], "--budget and -e both set how long to train"),
     (["--plan"], "--plan shows the plan of a --budget run"),
     (["--budget", "3s"], "too short"),

@@ -44,7 +44,8 @@ def test_schedules_warm_up_then_follow_their_shape():
 def test_plateau_halves_on_stalled_score():
     model = torch.nn.Linear(2, 2)
     opt = make_optimizer("sgd", model, 1.0, 0.0)
-    assert isinstance(opt, torch.optim.SGD) and set(OPTIMIZERS) == {"adamw", "adam", "sgd"}
+    assert isinstance(opt, torch.optim.SGD) and set(OPTIMIZERS) == {"adamw", "adam", "sgd", "lion"}
+    assert type(make_optimizer("lion", model, 1e-4, 1e-3)).__name__ == "Lion"  # timm's, installed with SMP
     sched = make_scheduler("plateau", opt, 10, 5, 0)
     for _ in range(7):
         sched.step(0.5)
@@ -125,12 +126,12 @@ def test_trainer_pictures_its_worst_val_images_without_a_second_pass(tmp_path):
     trainer, evals = make_trainer(args, tmp_path / "exp", Processes(cpu=True))
     result = trainer.evaluate(evals[0], next(epoch_stream(evals[0].loader)))
     assert len(result.worst) == 3
-    picked = trainer.worst_predictions(result)
+    picked = trainer.worst(result)
     assert len({pred.tobytes() for _, _, pred in picked}) == 3  # distinct pictures, so a mix-up would show
     ious = result.per_image_iou.tolist()
     assert [i for i, _, _ in picked] == sorted(range(6), key=lambda i: (ious[i], i))[:3]
     result.worst = result.worst[:1]
-    again = trainer.worst_predictions(result)
+    again = trainer.worst(result)
     for (i, iou, pred), (j, iou2, pred2) in zip(picked, again, strict=True):
         assert (i, iou) == (j, iou2) and pred.dtype == np.uint8 and np.array_equal(pred, pred2)
 
