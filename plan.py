@@ -15,6 +15,7 @@ CONTEXT = 4  # a crop spans at least this many typical objects across
 RARE = 0.05  # a class below this share of the training pixels gets a loss that counts it (dice with bce / ce)
 GPU_SHARE = 0.6  # of a GPU's memory, for the batch: the rest for the allocator's cache, validation and spikes
 MAX_BATCH = 64
+PROBED_BATCHES = (8, 16, 32, 64)  # tried on a GPU, until one runs out of memory
 VAL_SHARE = 0.1  # of the training time, spent validating at most
 MIN_VALIDATIONS = 8  # validate at least this often, where the budget allows, to keep the best weights
 MIN_EPOCH_STEPS = 8  # an epoch (a checkpoint write) every so many steps at least: tiny datasets repeat within one
@@ -112,15 +113,6 @@ def choose(fp: Fingerprint, machine: Machine, given: dict) -> Plan:
     else:
         plan.set("loss", "dice", f"the rarest class is {share:.0%} of the pixels", given)
     return plan
-
-
-def probe_sizes(plan: Plan, machine: Machine) -> list[int]:
-    """The batch sizes to try on a GPU, largest last: doublings from 8 up to MAX_BATCH."""
-    sizes, b = [], 8
-    while b <= MAX_BATCH:
-        sizes.append(b)
-        b *= 2
-    return sizes
 
 
 def batch_from_probe(plan: Plan, machine: Machine, peaks: dict[int, float], given: dict) -> None:

@@ -481,9 +481,12 @@ def plan_steps(args: argparse.Namespace, plan, data, labels, model, meta, procs,
                           (meta.in_channels, meta.image_size, meta.image_size), max(2, meta.out_channels),
                           procs.device, amp_dtype(args.amp, procs.device))
         if m.device == "cuda" and "batch_size" not in given:
-            planning.batch_from_probe(plan, m, probe.peaks(planning.probe_sizes(plan, m)), {})
-        clock.step_s = probe.seconds(plan.value("batch_size")) * 1.1  # the loader and the step's bookkeeping
-        clock.val_s = clock.step_s / 3 * fp.val_pixels / (plan.value("batch_size") * meta.image_size ** 2) * 1.5 + 0.5
+            planning.batch_from_probe(plan, m, probe.peaks(planning.PROBED_BATCHES), {})
+        batch = plan.value("batch_size")
+        clock.step_s = probe.seconds(batch) * 1.1  # and the loader's and the step's bookkeeping
+        # A validation, until one is timed: a forward pass is about a third of a step, over every val pixel, with
+        # half as much again for whole images and sliding windows, and a moment to start.
+        clock.val_s = clock.step_s / 3 * fp.val_pixels / (batch * meta.image_size ** 2) * 1.5 + 0.5
         planning.schedule(plan, fp, clock.left() - clock.finish_s - 2.0, clock.step_s, clock.val_s,
                           {k: vars(args)[k] for k in given})
     plan = procs.share(plan if procs.main else None)
