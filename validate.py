@@ -346,6 +346,9 @@ def main(args: argparse.Namespace) -> int:
     from loaders import eval_loader, fit_shared_memory, largest_eval_batch
     from runtime import configure, default_workers, select_device
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("validate.py runs as one process (every process of this torchrun job would score the whole "
+                        "set): run it without torchrun, or map the images with torchrun ... predict.py")
     path = model_path(args)
     device = select_device(args.cpu, args.device)
     predictor = Predictor.load(path, device=str(device), amp=args.amp, tile_size=args.tile_size,

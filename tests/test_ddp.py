@@ -91,3 +91,27 @@ def test_a_mistake_only_one_process_found_is_said_by_that_process():
     r = run(launcher=("-c", code), env={"RANK": "1", "WORLD_SIZE": "2"})
     assert r.returncode == 2
     assert r.stderr == "error: bad tile in a.tif (process 1)\n"
+
+
+def test_predict_under_one_and_two_processes_agrees_with_validate(tmp_path):
+    """The same masks from validate.py --binary, predict.py, and predict.py as two torchrun processes; validate.py
+    itself refuses torchrun in one line rather than scoring the set twice."""
+    from conftest import make_checkpoint
+
+    from fileio import read_image
+
+    ds = make_dataset(tmp_path / "ds", n_train=0, n_val=5, size=(48, 80))
+    ckpt = make_checkpoint(tmp_path / "m.pth", dtype="uint8", top=255.0, tile=64)
+    r = run("validate.py", "-m", ckpt, "-d", ds / "val", "--binary", "--cpu", "-o", tmp_path / "v", launcher=())
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name, launcher in (("one", ()), ("two", ("-m", "torch.distributed.run", "--standalone",
+                                                 "--nproc_per_node=2"))):
+        r = run("predict.py", "-m", ckpt, "-i", ds / "val" / "images", "-o", tmp_path / name, "--cpu",
+                launcher=launcher)
+        assert r.returncode == 0, r.stdout + r.stderr
+    for mask in sorted((tmp_path / "v" / "masks").iterdir()):
+        ref = read_image(mask)
+        for name in ("one", "two"):
+            assert (read_image(tmp_path / name / mask.name) == ref).mean() > 0.999
+    r = run("validate.py", "-m", ckpt, "-d", ds / "val", "--cpu", "-o", tmp_path / "v2")
+    assert r.returncode != 0 and "validate.py runs as one process" in r.stdout + r.stderr
