@@ -169,7 +169,10 @@ class Trainer:
         unwrap(self.model).load_state_dict(ckpt.model)
         training = ckpt.training
         self.optimizer.load_state_dict(training["optimizer"])
+        planned = dict(vars(self.horizon)) if not self.plateau else {}  # this command's -e, not the saved one's
         self.scheduler.load_state_dict(training["scheduler"])
+        if planned and self.cfg.clock is None:
+            vars(self.horizon).update(planned)
         if self.scaler is not None and training["scaler"]:
             self.scaler.load_state_dict(training["scaler"])
         self.state = TrainState(**{**training["state"], "history": list(training["state"]["history"])})

@@ -212,6 +212,8 @@ def test_resume_continues_and_finished_run_exits_zero(tmp_path, binary_ds):
     assert_user_error(r, "--encoder resnet18 and this command has --encoder resnet34", "--exp-name")
     r = train(binary_ds, log, "--exp-name", "r", "-e", "3", "--add-dirs", "nir")
     assert_user_error(r, "trained with no --add-dirs and this command has --add-dirs nir")
+    r = train(binary_ds, log, "--exp-name", "r", "-e", "4")  # more epochs: the schedule spreads over all 4
+    assert r.returncode == 0 and float(rows(log / "r")[2]["lr"]) > 1e-5, r.stdout  # epoch 3 of 4 is not at the end
 
 
 def test_resuming_on_other_data_is_said(tmp_path, binary_ds):
