@@ -251,8 +251,8 @@ def main() -> None:
                                overlap=args.overlap, tta=args.tta, threshold=args.threshold,
                                batch_size=args.batch_size, for_scenes=True)
     out = output_folder(Path(args.output_dir), "-o")
-    settings = Settings(prob=args.prob, overlay=args.overlay, uncertainty_maps=args.uncertainty_maps,
-                        nodata=args.nodata, progress=scene_progress())
+    settings = Settings(prob=args.prob, overlay=args.overlay, uncertainty=args.uncertainty,
+                        uncertainty_maps=args.uncertainty_maps, nodata=args.nodata, progress=scene_progress())
     share = my_share(args)
     jobs = plan_jobs(args, predictor.meta.add_dirs, out, settings, share)
     check_headers(predictor, jobs)

@@ -39,6 +39,7 @@ class Settings:
     """What a run writes and how, the same for every input."""
     prob: str | None = None  # also write probabilities: "uint8" or "float16"
     overlay: bool = False
+    uncertainty: bool = False  # measure each input's uncertainty (Done.uncertainty, Done.uncertain)
     uncertainty_maps: bool = False  # also write each input's per-pixel uncertainty (Job.uncertainty)
     nodata: float | None = None  # the input value that means no data (None: the GeoTIFF's own GDAL_NODATA)
     # Called after each band of rows of an input predicted in bands, with (job, rows done, rows in all); it may
@@ -56,7 +57,7 @@ class Done:
     nodata: int
     class_pixels: np.ndarray
     threshold: float
-    uncertainty: float  # mean entropy of the probabilities, 0 (sure) .. 1 (every class as likely)
+    uncertainty: float  # mean entropy of the probabilities, 0 (sure) .. 1 (every class as likely); 0 unmeasured
     uncertain: float  # share of the pixels whose entropy is over UNCERTAIN
     thumb_image: np.ndarray | None = None
     thumb_classes: np.ndarray | None = None
@@ -246,12 +247,8 @@ class Outputs:
             self.missing += int(missing.sum())
         counted = classes if missing is None else classes[~missing]
         self.class_pixels += np.bincount(counted.ravel(), minlength=len(self.class_pixels))
-        unsure = entropy(probs)
-        seen = unsure if missing is None else unsure[~missing]
-        self.entropy_sum, self.uncertain = self.entropy_sum + float(seen.sum()), self.uncertain + int(
-            (seen > UNCERTAIN).sum())
-        if self.map is not None:
-            self.map.write(np.rint(unsure * 255).astype(np.uint8))
+        if self.settings.uncertainty or self.settings.uncertainty_maps:
+            self.measure_uncertainty(probs, missing)
         self.mask.write(mask)
         if self.prob is not None:
             p = np.moveaxis(probs, 0, -1)
@@ -263,6 +260,14 @@ class Outputs:
             keep = [i for i in range(len(mask)) if (y0 + i) % self.step == 0]
             self.thumb_image.append(image[keep, ::self.step])
             self.thumb_classes.append(classes[keep, ::self.step].astype(np.uint8))
+
+    def measure_uncertainty(self, probs: np.ndarray, missing: np.ndarray | None) -> None:
+        unsure = entropy(probs)
+        seen = unsure if missing is None else unsure[~missing]
+        self.entropy_sum += float(seen.sum())
+        self.uncertain += int((seen > UNCERTAIN).sum())
+        if self.map is not None:
+            self.map.write(np.rint(unsure * 255).astype(np.uint8))
 
     def write_overlay(self) -> None:
         import visualize

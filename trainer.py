@@ -151,7 +151,7 @@ class Trainer:
                                           threshold=0.5, min_size=min_input_size(meta.arch))
         self.main = cfg.rank == 0
         self.state = TrainState()
-        self.log = TensorBoardLog(cfg.exp_dir, meta.labels.num_classes, eval_sets[0].loader.dataset)
+        self.log = TensorBoardLog(cfg.exp_dir, meta.labels.num_classes, eval_sets and eval_sets[0].loader.dataset)
         self.saver: CheckpointSaver | None = None  # process 0's, while fit() runs
 
     # ------------------------------------------------------------------------------------------ state
