@@ -6,6 +6,7 @@ without loading torch.
 import contextlib
 import gc
 import importlib
+import importlib.util
 import math
 import os
 import sys
@@ -46,9 +47,75 @@ class _DynamoUtilsLater(types.ModuleType):
 
 def _dynamo_utils() -> types.ModuleType:
     """The real torch._dynamo.utils, loaded now if need be."""
+    _real_compiler()
+    return importlib.import_module(_DYNAMO_UTILS)
+
+
+class _CompilerLater(types.ModuleType):
+    """Stands in for torch._dynamo in a process that never compiles. torch.optim calls two of its functions on every
+    step and when an optimizer is made: graph_break, and disable (through torch._disable_dynamo), which change
+    nothing outside compilation. Any other name (`__path__` for a submodule import) loads the real compiler, so
+    whatever needs it (DistributedDataParallel does) still gets it."""
+
+    def graph_break(self, *args, **kwargs) -> None:
+        pass
+
+    def disable(self, fn=None, *args, **kwargs):
+        return _not_compiled(fn)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") and name != "__path__":  # module introspection (inspect asks for __file__)
+            raise AttributeError(name)
+        return getattr(_real_compiler(), name)
+
+
+class _LoadedOnce:
+    """An import finder for the one case the stand-in makes: `import torch._dynamo.X` asks it for `__path__`, which
+    loads the real package, X among its submodules; the import would then run X's file a second time (two copies of
+    its state). This answers with the module already loaded, its own spec kept."""
+
+    def __init__(self):
+        self.specs = {}
+
+    def find_spec(self, name: str, path, target=None):
+        if name.startswith("torch._dynamo.") and name in sys.modules:
+            return importlib.util.spec_from_loader(name, self)
+        return None
+
+    def create_module(self, spec):
+        module = sys.modules[spec.name]
+        self.specs[spec.name] = module.__spec__
+        return module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        with contextlib.suppress(AttributeError):  # torch's config modules refuse new attributes (and kept theirs)
+            module.__spec__ = self.specs.pop(module.__name__)
+
+
+def _real_compiler() -> types.ModuleType:
+    """The real torch._dynamo, loaded now if need be (its stand-ins out of the way first)."""
+    import torch
+
+    if isinstance(sys.modules.get("torch._dynamo"), _CompilerLater):
+        del sys.modules["torch._dynamo"]
+        del torch._dynamo  # the import sets the real one
     if isinstance(sys.modules.get(_DYNAMO_UTILS), _DynamoUtilsLater):
         del sys.modules[_DYNAMO_UTILS]
-    return importlib.import_module(_DYNAMO_UTILS)
+    return importlib.import_module("torch._dynamo")
+
+
+def never_compiles() -> None:
+    """For train.py without --compile, a process of its own: torch's compiler (torch._dynamo, ~3 s of import on a
+    CPU and ~150 MB resident: bench/RESULTS.md) is replaced for the process's life by stand-ins that load it the
+    moment anything but its no-op calls is asked for. Not for a process that may compile or export later (the
+    tests): torch would have remembered some of its functions as never compiled."""
+    import torch
+
+    if "torch._dynamo" in sys.modules:
+        return
+    sys.modules["torch._dynamo"] = torch._dynamo = _CompilerLater("torch._dynamo")
+    sys.modules[_DYNAMO_UTILS] = _DynamoUtilsLater(_DYNAMO_UTILS)
+    sys.meta_path.insert(0, _LoadedOnce())
 
 
 def _not_compiled(fn=None, *args, **kwargs):
@@ -62,7 +129,7 @@ def compiler_not_loaded():
     torch's compiler, torch._dynamo (~150 MB resident, 3 s of import on a CPU: bench/RESULTS.md). torchvision takes a
     helper from it that it calls only when compiling; timm and torchvision wrap functions in torch.compiler.disable,
     which loads it and only matters under torch.compile. Here that helper loads when first called and those wrappers
-    are left off. Training (torch.optim loads the compiler anyway) and export (torch.export) import as usual."""
+    are left off. train.py without --compile goes further (never_compiles); export (torch.export) imports as usual."""
     import torch
 
     if "torch._dynamo" in sys.modules:

@@ -114,6 +114,33 @@ def mask_suffix(image: Path) -> str:
     return ".tif" if image.suffix.lower() in TIFF_EXTENSIONS else ".png"
 
 
+def mask_writer(path: Path, height: int, width: int, dtype, geo: dict, fill: int | None = None):
+    """The writer of a mask file, for every script that writes one (rows given top to bottom): for a .tif path a
+    tiled GeoTIFF with the input's georeference (`geo`) and `fill` as its nodata value where given, else a PNG."""
+    if path.suffix != ".tif":
+        return PngWriter(path, height, width, dtype)
+    nodata = {42113: {"dtype": 2, "count": len(str(fill)) + 1, "value": str(fill)}} if fill is not None else {}
+    return TiledTiffWriter(path, height, width, 1, dtype, extratags=extratags({**georeference(geo), **nodata}))
+
+
+def georeference(geo: dict) -> dict:
+    """An input's GeoTIFF tags but its nodata value (which is not the outputs')."""
+    return {code: tag for code, tag in geo.items() if code != 42113}
+
+
+def write_mask(folder: Path, image: Path, mask: np.ndarray) -> Path:
+    """A whole (H, W) mask of label values for `image`, named and written as predict.py writes one."""
+    path = folder / f"{image.stem}{mask_suffix(image)}"
+    geo = {}
+    if path.suffix == ".tif":
+        reader = RasterReader(image)
+        geo = reader.geo
+        reader.close()
+    with mask_writer(path, *mask.shape, mask.dtype, geo) as writer:
+        writer.write(mask)
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------- scenes
 class Scene:
     """One input image with its extra bands, read as (H, W, C) windows of the stacked type."""
@@ -209,18 +236,15 @@ class Outputs:
     def __post_init__(self):
         values = self.predictor.meta.labels.label_values()
         self.class_pixels = np.zeros(len(values), np.int64)
-        self.lut = values.astype(np.uint8 if values.max() <= 255 else np.uint16)
+        self.lut = values
         free = sorted(set(range(np.iinfo(self.lut.dtype).max + 1)) - set(values.tolist()))
         self.fill = free[-1]  # the mask value of nodata pixels: the largest value no class uses
-        scene, tiff = self.scene, self.job.mask.suffix == ".tif"
+        scene = self.scene
         self.step = max(1, -(-max(scene.height, scene.width) // OVERLAY_SIDE))
         self.thumb_image, self.thumb_classes = [], []
-        georef = {c: t for c, t in scene.geo.items() if c != 42113} if tiff else {}  # the input's nodata: not ours
-        nodata = {42113: {"dtype": 2, "count": len(str(self.fill)) + 1, "value": str(self.fill)}} \
-            if tiff and scene.nodata is not None else {}
-        self.mask = TiledTiffWriter(self.job.mask, scene.height, scene.width, 1, self.lut.dtype,
-                                    extratags=extratags({**georef, **nodata})) if tiff else \
-            PngWriter(self.job.mask, scene.height, scene.width, self.lut.dtype)
+        georef = georeference(scene.geo)
+        self.mask = mask_writer(self.job.mask, scene.height, scene.width, self.lut.dtype, scene.geo,
+                                self.fill if scene.nodata is not None else None)
         self.prob = TiledTiffWriter(self.job.prob, scene.height, scene.width, self.predictor.meta.out_channels,
                                     self.settings.prob, extratags=extratags(georef)) if self.settings.prob else None
         self.map = TiledTiffWriter(self.job.uncertainty, scene.height, scene.width, 1, np.uint8,

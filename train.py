@@ -9,8 +9,10 @@ Outputs go to <log-dir>/<exp-name>/: best.pth, last.pth, metrics.csv, TensorBoar
 (tensorboard --logdir=./logs). Running again with the same --exp-name resumes where it stopped.
 """
 import argparse
+import json
 import os
 import shlex
+import sys
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -445,8 +447,6 @@ def describe(args: argparse.Namespace, splits: dict, data, meta, model, weights:
 # ---------------------------------------------------------------------------------------------------- the plan
 def given_flags() -> set[str]:
     """The flags (argparse names) given on this command line, not left at their defaults: a plan keeps them."""
-    import sys
-
     parser = get_args_parser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
@@ -496,8 +496,6 @@ def plan_steps(args: argparse.Namespace, plan, data, labels, model, meta, procs,
 
 def show_plan(args: argparse.Namespace, plan, clock, exp_dir: Path) -> None:
     """The plan as a table on the console, and as plan.json in the experiment folder."""
-    import json
-
     from budget import as_time
     from fileio import write_text
 
@@ -520,8 +518,6 @@ def apply_plan(args: argparse.Namespace, plan) -> None:
 
 def write_args(args: argparse.Namespace, meta, exp_dir: Path) -> None:
     """args.json: every setting the run trains with (the plan's choices included), readable without segkit."""
-    import json
-
     from fileio import write_text
 
     settings = {**vars(args), "image_size": meta.image_size, "model": meta.arch}
@@ -550,8 +546,10 @@ def fit(trainer, meta):
 # ---------------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> int:
     from budget import Clock
-    from runtime import Processes, gc_paused
+    from runtime import Processes, gc_paused, never_compiles
 
+    if not args.compile and __name__ == "__main__":  # train.py's own process (the tests import it, and export)
+        never_compiles()
     with gc_paused():
         from labels import Labels
         from trainer import Trainer

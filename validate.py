@@ -160,11 +160,13 @@ def prepare_output(args: argparse.Namespace, ckpt_path: Path, data_dir: Path) ->
 
 
 # ---------------------------------------------------------------------------------------------------- output
-def write_outputs(args: argparse.Namespace, out: Path, stem: str, probs: np.ndarray, mask: np.ndarray) -> None:
+def write_outputs(args: argparse.Namespace, out: Path, image: Path, probs: np.ndarray, mask: np.ndarray) -> None:
     from fileio import write_image
+    from scenes import write_mask
 
+    stem = image.stem
     if args.binary:
-        write_image(out / "masks" / f"{stem}.png", mask)
+        write_mask(out / "masks", image, mask)
     if args.raw:
         if args.raw_format == "tif":
             write_image(out / "raw" / f"{stem}.tif", probs[0] if probs.shape[0] == 1 else np.ascontiguousarray(
@@ -283,19 +285,20 @@ class Evaluation:
         thumbs = batch["thumb"].numpy() if "thumb" in batch else [None] * len(classes)
         for k, index in enumerate(batch["index"].tolist()):
             iou = None if ious is None else ious[k]
-            self.pending.append(self.pool.submit(self.write_one, self.samples[index].stem, probs[k], classes[k],
+            self.pending.append(self.pool.submit(self.write_one, self.samples[index].image, probs[k], classes[k],
                                                  truth[k], iou, thumbs[k]))
         while len(self.pending) > 4 * self.args.batch_size:
             self.collect(self.pending.pop(0))
 
-    def write_one(self, stem: str, probs, classes: np.ndarray, truth, iou: float | None, thumb):
+    def write_one(self, image: Path, probs, classes: np.ndarray, truth, iou: float | None, thumb):
         """Masks, probabilities and the plot of one image (in a pool thread); returns the plot's path and a small
         copy of it for worst.png."""
         import cv2
 
         from fileio import write_image
 
-        write_outputs(self.args, self.out, stem, probs, self.values[classes])
+        stem = image.stem
+        write_outputs(self.args, self.out, image, probs, self.values[classes])
         if not self.args.plots:
             return None
         panel = plot_panel(thumb, truth, classes, self.num_classes, stem + ("" if iou is None else f"  IoU {iou:.3f}"))

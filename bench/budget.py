@@ -5,7 +5,8 @@
 
 For each dataset (a subset of at most --train / --val images, first by name): `train.py --budget B`, then a 2-epoch
 run of the default flags to time an epoch and the start-up, then the defaults for as many epochs as fit B. Prints one
-table: each run's wall time and best val mIoU, and the plan's crop, batch, loss, repeats and epochs.
+table: each run's wall time, best val mIoU and (budget run) epochs trained, and the plan's first choices: crop, batch,
+loss, repeats, epochs (re-planned as the run goes) and augmentation.
 """
 import argparse
 import csv
@@ -62,7 +63,8 @@ def best(rows: list[dict]) -> float:
 
 def main(args: argparse.Namespace) -> None:
     model = ["-m", "unet", "--encoder", "resnet18", "--encoder-weights", "none", "--cpu", *args.extra]
-    lines = [f"{'dataset':<16} {'budget run':>10} {'mIoU':>6} | {'defaults':>12} {'wall':>5} {'mIoU':>6} | plan"]
+    lines = [f"{'dataset':<16} {'budget run':>10} {'epochs':>6} {'mIoU':>6} | {'defaults':>12} {'wall':>5} "
+             f"{'mIoU':>6} | plan"]
     with tempfile.TemporaryDirectory(prefix="segkit-budget-") as tmp:
         for name in args.sets:
             data = subset(DATA / name, Path(tmp) / name, {"train": args.train, "val": args.val})
@@ -76,8 +78,8 @@ def main(args: argparse.Namespace) -> None:
             d_wall, d_rows = train(data, logs, f"{name}_default", [*flags, "-e", str(epochs)])
             shown = ", ".join(f"{k} {plan[k]['value']}" for k in ("image_size", "batch_size", "loss", "repeats",
                                                                    "epochs", "aug") if k in plan)
-            lines.append(f"{name:<16} {wall:>9.0f}s {best(rows):>6.3f} | {epochs:>5} epochs {d_wall:>4.0f}s "
-                         f"{best(d_rows):>6.3f} | {shown}")
+            lines.append(f"{name:<16} {wall:>9.0f}s {len(rows):>6} {best(rows):>6.3f} | {epochs:>5} epochs "
+                         f"{d_wall:>4.0f}s {best(d_rows):>6.3f} | {shown}")
             print(lines[-1], flush=True)
     print("\n".join(lines))
 

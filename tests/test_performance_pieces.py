@@ -168,6 +168,41 @@ print(helper is not utils.is_compile_supported and helper("cpu") == utils.is_com
     assert out.split() == ["False", "module", "True", "torch.compiler", "True"]
 
 
+TRAIN_STEPS = """
+import sys
+import torch
+from runtime import never_compiles
+if sys.argv[1] == "never-compiles":
+    never_compiles()
+else:
+    import torch._dynamo
+import segmentation_models_pytorch as smp
+from optim import make_optimizer
+torch.manual_seed(0)
+net = smp.Unet("resnet18", encoder_weights=None, in_channels=3, classes=2, decoder_channels=(16, 8, 8, 8, 8))
+for name in ("adamw", "adam", "sgd", "lion"):  # timm's optimizers load the compiler (to configure it): lion last
+    print(type(sys.modules["torch._dynamo"]).__name__)
+    opt = make_optimizer(name, net, 1e-3, 1e-2)
+    for _ in range(2):
+        net(torch.ones(2, 3, 64, 64)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+print(sum(p.double().sum().item() for p in net.parameters()))
+import torch._dynamo.config  # a submodule import gets the real compiler, each of its files run once
+real = sys.modules["torch._dynamo"]
+print(type(real).__name__, sys.modules["torch._dynamo.eval_frame"].config is torch._dynamo.config)
+"""
+
+
+def test_training_without_the_compiler_steps_the_same():
+    """train.py without --compile stands torch._dynamo in for the process: the optimizers' no-op calls into it answer
+    without loading it, the weights come out the same, and an import of it still gets the real one."""
+    out, ref = _python(TRAIN_STEPS, "never-compiles").split(), _python(TRAIN_STEPS, "compiler-first").split()
+    assert out[:4] == ["_CompilerLater"] * 4 and ref[:4] == ["module"] * 4
+    assert out[4] == ref[4]  # the weights after 8 steps of 4 optimizers
+    assert out[5:] == ref[5:] == ["module", "True"]
+
+
 def test_cpu_quota_of_a_container_or_cgroup(tmp_path):
     """docker --cpus and Kubernetes limits set a cgroup quota that neither os.cpu_count nor torch reads."""
     from runtime import cgroup_cpu_quota

@@ -3,6 +3,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -30,8 +31,11 @@ def train(ds, log, *extra):
 
 
 def test_binary_run_writes_checkpoints_metrics_and_events(tmp_path, binary_ds):
-    r = train(binary_ds, tmp_path / "logs", "--exp-name", "bin", "-e", "2")
-    assert r.returncode == 0, r.stderr
+    r = run_script("train.py", "-d", binary_ds, "-log", tmp_path / "logs", *FAST, "--exp-name", "bin", "-e", "2",
+                   env={"PYTHONPROFILEIMPORTTIME": "1"})  # python -X importtime
+    assert r.returncode == 0, r.stderr[-3000:]
+    imported = set(re.findall(r"^import time:.*\|\s*(\S+)$", r.stderr, re.M))
+    assert "segmentation_models_pytorch" in imported and "torch._dynamo" not in imported  # no --compile
     exp = tmp_path / "logs" / "bin"
     history = rows(exp)
     assert [h["epoch"] for h in history] == ["1", "2"]

@@ -92,6 +92,31 @@ def test_masks_reused_as_gt_score_perfectly(trained, tmp_path):
     assert m["accuracy"] == 1.0 and m["miou"] == 1.0 and "mIoU: 1.0000" in r.stdout
 
 
+def test_geotiff_images_get_the_masks_predict_writes(trained, tmp_path):
+    """One mask writer: a GeoTIFF val image gets a GeoTIFF mask with its georeference, equal to predict.py's."""
+    import tifffile
+    from conftest import GEO
+
+    val = tmp_path / "val"
+    shutil.copytree(trained / "bin" / "val", val)
+    for folder in ("images", "nir"):
+        for png in (val / folder).glob("v00[01].png"):
+            tifffile.imwrite(png.with_suffix(".tif"), read_image(png), extratags=GEO)
+            png.unlink()
+    r = validate("-cd", trained / "logs" / "bin", "-d", val, "-o", tmp_path / "out", "--binary")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["v000.tif", "v001.tif", "v002.png",
+                                                                            "v003.png"]
+    r = run_script("predict.py", "-m", trained / "logs" / "bin", "-i", val / "images", "-o", tmp_path / "pred",
+                   "--cpu")
+    assert r.returncode == 0, r.stderr
+    for name in ("v000.tif", "v002.png"):
+        assert np.array_equal(read_image(tmp_path / "out" / "masks" / name), read_image(tmp_path / "pred" / name))
+    with tifffile.TiffFile(tmp_path / "out" / "masks" / "v000.tif") as t:
+        for code, _, _, value, _ in GEO:
+            assert np.allclose(np.ravel(t.pages[0].tags[code].value), value)
+
+
 def test_multiclass_masks_in_label_values_and_confusion_png(trained, tmp_path):
     out = tmp_path / "out"
     r = validate("-cd", trained / "logs" / "multi", "-d", trained / "multi" / "val", "-o", out, "--binary",
