@@ -88,7 +88,7 @@ def round32(x: float) -> int:
 
 
 def choose(fp: Fingerprint, machine: Machine, given: dict) -> Plan:
-    """The settings that need no timing: crop, loss and class weights, and the batch on the CPU (a GPU's batch is
+    """The settings that need no timing: crop, loss, and the batch on the CPU (a GPU's batch is
     found by probe_batch against its memory)."""
     plan = Plan()
     cap = CPU_CROP if machine.device == "cpu" else GPU_CROP
@@ -105,11 +105,11 @@ def choose(fp: Fingerprint, machine: Machine, given: dict) -> Plan:
         plan.set("batch_size", 8, f"on {machine.device}: a step's time grows with the batch", given)
     rare = min(range(1, len(fp.class_shares)), key=lambda c: fp.class_shares[c]) if len(fp.class_shares) > 1 else None
     share = fp.class_shares[rare] if rare is not None else 1.0
+    # No class weights on top: dice already gives each class an equal say, and weighting the cross-entropy too
+    # scored lower within a budget (bench/RESULTS.md: -0.065 mIoU over two seeds multi-class, -0.06 binary).
     if share < RARE:
         loss = "dice+bce" if fp.binary else "dice+ce"
         plan.set("loss", loss, f"class {rare} is {share:.1%} of the pixels: dice alone learns it slowly", given)
-        weight = "pos_weight" if fp.binary else "class_weights"
-        plan.set(weight, "auto", f"weights the rare class {rare} ({share:.1%})", given)
     else:
         plan.set("loss", "dice", f"the rarest class is {share:.0%} of the pixels", given)
     return plan

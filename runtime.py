@@ -105,9 +105,9 @@ def _real_compiler() -> types.ModuleType:
 
 
 def never_compiles() -> None:
-    """For train.py without --compile, a process of its own: torch's compiler (torch._dynamo, ~3 s of import on a
-    CPU and ~150 MB resident: bench/RESULTS.md) is replaced for the process's life by stand-ins that load it the
-    moment anything but its no-op calls is asked for. Not for a process that may compile or export later (the
+    """For train.py without --compile, a process of its own: torch's compiler (torch._dynamo, 1-6 s of start-up and
+    ~150 MB resident: bench/RESULTS.md) is replaced for the process's life by stand-ins that load it the moment
+    anything but its no-op calls is asked for. Not for a process that may compile or export later (the
     tests): torch would have remembered some of its functions as never compiled."""
     import torch
 

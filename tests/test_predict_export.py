@@ -452,6 +452,28 @@ def test_uncertainty_ranks_the_images_to_label_next(tmp_path, data, ckpt):
     assert abs(heat.mean() / 255 - scores[0]) < 0.01  # the map is the score's pixels
 
 
+def test_uncertainty_of_a_bundle_ranks_as_its_checkpoint(tmp_path, data, ckpt, bundle):
+    ranked = {}
+    for name, model in (("ckpt", ckpt), ("bundle", bundle)):
+        r = predict("-m", model, "-i", data / "val" / "images", "-o", tmp_path / name, "--uncertainty", "--cpu")
+        assert r.returncode == 0, r.stderr
+        with open(tmp_path / name / "uncertainty.csv", newline="") as f:
+            ranked[name] = [(Path(row["image"]).name, float(row["uncertainty"])) for row in csv.DictReader(f)]
+    assert [n for n, _ in ranked["ckpt"]] == [n for n, _ in ranked["bundle"]]
+    assert np.allclose([u for _, u in ranked["ckpt"]], [u for _, u in ranked["bundle"]], atol=1e-3)
+
+
+def test_torchrun_with_more_processes_than_inputs(tmp_path, data, ckpt):
+    image = sorted((data / "val" / "images").iterdir())[0]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "predict.py"), "-m", str(ckpt), "-i", str(image), "-o", str(tmp_path / "o"),
+                        "--cpu", "--uncertainty"], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (r.stdout + r.stderr).count("predicted 1 image(s)") == 1
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [image.name, "uncertainty.csv"]
+
+
 @pytest.mark.parametrize("value,needle", [("3/2", "1 <= K <= N"), ("0/0", "1 <= K <= N"), ("a/b", "is not K/N")])
 def test_bad_shards_are_one_line(tmp_path, data, ckpt, value, needle):
     assert_user_error(predict("-m", ckpt, "-i", data / "val" / "images", "-o", tmp_path / "x", "--shard", value),
