@@ -3,7 +3,7 @@ facts about the data (a Fingerprint) and the machine (a Machine), each with its 
 and is shown as theirs. Pure functions: they run nothing and read no files, so tests can feed them made-up machines
 and datasets.
 
-Two stages: choose() before the model exists (crop, batch on the CPU, loss, weights, workers), then schedule() once
+Two stages: choose() before the model exists (crop, batch on the CPU, loss), then schedule() once
 a few real training steps and a validation estimate are timed (steps, samples per epoch, when to validate, the
 augmentation the number of passes calls for).
 """
@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 CPU_CROP, GPU_CROP = 256, 512  # largest planned crop: on the CPU every pixel of a step costs; a GPU takes more
 CONTEXT = 4  # a crop spans at least this many typical objects across
-RARE = 0.05  # a class below this share of the training pixels gets a loss that counts it (dice with bce / ce)
+RARE = 0.05  # a class below this share of the training pixels gets a per-pixel loss beside dice (bce / ce)
 GPU_SHARE = 0.6  # of a GPU's memory, for the batch: the rest for the allocator's cache, validation and spikes
 MAX_BATCH = 64
 PROBED_BATCHES = (8, 16, 32, 64)  # tried on a GPU, until one runs out of memory
@@ -109,7 +109,8 @@ def choose(fp: Fingerprint, machine: Machine, given: dict) -> Plan:
     # scored lower within a budget (bench/RESULTS.md: -0.065 mIoU over two seeds multi-class, -0.06 binary).
     if share < RARE:
         loss = "dice+bce" if fp.binary else "dice+ce"
-        plan.set("loss", loss, f"class {rare} is {share:.1%} of the pixels: dice alone learns it slowly", given)
+        plan.set("loss", loss, f"class {rare} is {share:.1%} of the pixels: dice skips it in batches without it, "
+                 f"{loss[5:]} counts every pixel", given)
     else:
         plan.set("loss", "dice", f"the rarest class is {share:.0%} of the pixels", given)
     return plan
