@@ -88,8 +88,8 @@ def round32(x: float) -> int:
 
 
 def choose(fp: Fingerprint, machine: Machine, given: dict) -> Plan:
-    """The settings that need no timing: crop, loss, and the batch on the CPU (a GPU's batch is
-    found by probe_batch against its memory)."""
+    """The settings that need no timing: crop, loss, and the batch on the CPU (a GPU's batch comes from memory
+    probes: batch_from_probe)."""
     plan = Plan()
     cap = CPU_CROP if machine.device == "cpu" else GPU_CROP
     side = min(fp.median_side // 32 * 32, cap)
